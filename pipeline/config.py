@@ -1,0 +1,201 @@
+"""Typed configuration: every default of the project lives here, once.
+
+Defaults follow the authors' released code (see ../shared/ALGORITHM.md); where the paper differs,
+the paper's variant is an option and the docstring of the field says so. Presets (`voc`, `coco`,
+`shapes`) are data: a dict of overrides per section, applied by `preset(name)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # 0..255 scale, WeCLIP transforms
+IMAGENET_STD = (58.395, 57.12, 57.375)
+CLIP_MEAN = tuple(255.0 * v for v in (0.48145466, 0.4578275, 0.40821073))  # CLIP-ES
+CLIP_STD = tuple(255.0 * v for v in (0.26862954, 0.26130258, 0.27577711))
+IGNORE_INDEX = 255
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Frozen open_clip ViT. `pretrained` is an open_clip tag (e.g. 'openai') or a local checkpoint path."""
+    name: str = "ViT-B-16-quickgelu"
+    pretrained: str | None = "openai"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    normalisation: Literal["imagenet", "clip"] = "imagenet"  # WeCLIP code: ImageNet; CLIP-ES: CLIP stats
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    template: str = "a clean origami {}."  # [PW] supplement writes "a clear origami"; code says "clean"
+    classes: Literal["voc", "coco", "shapes"] = "voc"  # which class-name and background lists of pipeline/text.py
+
+
+@dataclass(frozen=True)
+class AugConfig:
+    """One training view: random rescale, h-flip, crop with zero padding (ALGORITHM.md §7.1)."""
+    crop: int = 320
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    flip_prob: float = 0.5
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """CAA (static) and RFM (dynamic) refinement, ALGORITHM.md §5.2 and §6.4."""
+    sinkhorn_rounds: int = 3
+    box_threshold: float = 0.4  # lambda: 0.4 VOC, 0.7 COCO
+    box_mode: Literal["released", "fixed"] = "released"  # released: half-open box slice (last row/col never a source)
+    static_layers: int = 8  # CAA: mean of the last 8 attention maps (blocks 5..12)
+    rfm_layers: int = 6  # RFM: last 6 (VOC) / 10 (COCO) maps; paper N0=6 means 7 maps
+    rfm_filter: Literal["signed", "abs"] = "signed"  # code: signed sum; paper Eq. 5: |A_f - A_s|
+    rfm_start_iter: int = 15000  # static CAA before this many training iterations (VOC 15k, COCO 40k)
+    bg_power: float = 1.0  # bg = (1 - max fg)^p
+
+
+@dataclass(frozen=True)
+class ParConfig:
+    num_iter: int = 20
+    dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
+    w1: float = 0.3
+    w2: float = 0.01
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    views: int = 4
+    seed: int = 1
+    samples_per_shard: int = 64
+    batch_size: int = 8
+    dtype: Literal["float16", "float32", "bfloat16"] = "float16"
+    compressor: str = "zstd"  # see pipeline/cache/schema.py for the measured choices
+    feature_layers: tuple[int, ...] = tuple(range(1, 12))  # 1-based blocks feeding the decoder (code: 1..11)
+    attn_layers: tuple[int, ...] = tuple(range(1, 13))  # 1-based blocks whose attention is stored for CAA/RFM
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    embed_dim: int = 256
+    layers: int = 3
+    heads: int = 8
+    mlp_dim: int = 1024
+    dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    seg: Literal["balanced", "plain"] = "balanced"  # code: mean of bg CE and fg CE; paper: plain CE
+    aff: Literal["linear", "bce"] = "linear"  # code: AFA linear loss; paper Eq. 10: cross-entropy
+    aff_radius: int = 8
+    aff_weight: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    iterations: int = 30000
+    batch_size: int = 4
+    lr: float = 2e-3
+    weight_decay: float = 0.01  # paper: 1e-3
+    warmup_iters: int = 50
+    poly_power: float = 1.0
+    seed: int = 1
+    checkpoint_every: int = 2000
+    workers: int = 2
+    train_flip: bool = False  # extra h-flip at train time, applied consistently to every cached array
+
+
+@dataclass(frozen=True)
+class CrfParams:
+    iterations: int = 10
+    gauss_sxy: float = 3.0
+    gauss_compat: float = 3.0
+    bilateral_sxy: float = 64.0
+    bilateral_srgb: float = 5.0
+    bilateral_compat: float = 4.0
+
+
+WECLIP_CRF = CrfParams()  # WeCLIP inference (utils/dcrf.py)
+CLIPES_CRF = CrfParams(iterations=10, gauss_sxy=1.0, gauss_compat=3.0,
+                       bilateral_sxy=67.0, bilateral_srgb=3.0, bilateral_compat=4.0)  # CLIP-ES pseudo masks
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    long_side: int = 512
+    scales: tuple[float, ...] = (1.0, 0.75)
+    flip: bool = True
+    crf: bool = False  # released test scripts have CRF commented out; the paper's "w/ CRF" numbers need it
+    crf_params: CrfParams = WECLIP_CRF
+    clipes_confidence: float = 0.95  # CLIP-ES CGL in code: CRF posterior max < 0.95 -> 255
+
+
+@dataclass(frozen=True)
+class Config:
+    dataset: str = "voc"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    par: ParConfig = field(default_factory=ParConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def replace(self, **sections: dict[str, Any]) -> "Config":
+        """Return a copy with fields of named sections overridden: cfg.replace(train={"iterations": 10})."""
+        return apply_overrides(self, sections)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        return apply_overrides(cls(), {k: v for k, v in data.items()})
+
+
+# Presets are data: section -> field -> value. `voc` is the dataclass defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    "voc": {},
+    "coco": {
+        "dataset": "coco",
+        "text": {"classes": "coco"},
+        "refine": {"box_threshold": 0.7, "rfm_layers": 10, "rfm_start_iter": 40000},
+        "train": {"iterations": 80000, "checkpoint_every": 10000},
+    },
+    "shapes": {
+        "dataset": "shapes",
+        "model": {"name": "weclip-tiny", "pretrained": None},
+        "text": {"classes": "shapes"},
+        "aug": {"crop": 224},
+        "refine": {"rfm_start_iter": 300},
+        "extract": {"views": 2, "samples_per_shard": 32},
+        "train": {"iterations": 600, "checkpoint_every": 200, "workers": 0},
+    },
+}
+
+
+def preset(name: str) -> Config:
+    try:
+        overrides = PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+    return Config.from_dict(overrides)
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
+    """Recursively replace dataclass fields; lists become tuples where the field is a tuple."""
+    changes: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for key, value in overrides.items():
+        if key not in names:
+            raise ValueError(f"{type(cfg).__name__} has no field {key!r}; fields: {sorted(names)}")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            changes[key] = apply_overrides(current, value)
+        elif isinstance(current, tuple) and isinstance(value, list):
+            changes[key] = tuple(value)
+        else:
+            changes[key] = value
+    return dataclasses.replace(cfg, **changes)

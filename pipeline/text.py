@@ -1,0 +1,120 @@
+"""Prompts, class-name lists (with the released code's synonyms), background sets and text embeddings.
+
+A *class set* is the data a dataset needs on the text side: the canonical class names (what reports
+print), the names put into prompts (synonyms comma-joined, as `clip_text.py` does), and the background
+prompts appended to every image's text set (ALGORITHM.md §3.3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)
+VOC_SYNONYMS = {
+    "bird": "bird avian",
+    "chair": "chair seat",
+    "person": "person with clothes,people,human",
+    "tvmonitor": "tvmonitor screen",
+}
+VOC_BACKGROUND = (
+    "ground", "land", "grass", "tree", "building", "wall", "sky", "lake", "water", "river", "sea",
+    "railway", "railroad", "keyboard", "helmet", "cloud", "house", "mountain", "ocean", "road", "rock",
+    "street", "valley", "bridge", "sign",
+)
+
+COCO_CLASSES = (
+    "person", "bicycle", "car", "motorbike", "aeroplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag",
+    "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat",
+    "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle", "wine glass", "cup", "fork",
+    "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog",
+    "pizza", "donut", "cake", "chair", "sofa", "pottedplant", "bed", "diningtable", "toilet",
+    "tvmonitor", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster",
+    "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier",
+    "toothbrush",
+)
+COCO_SYNONYMS = {
+    "person": "person with clothes,people,human",
+    "bird": "bird avian",
+    "backpack": "backpack,bag",
+    "umbrella": "umbrella,parasol",
+    "handbag": "handbag,purse",
+    "tie": "necktie",
+    "snowboard": "sknowboard",  # typo kept from the released code
+    "baseball glove": "glove",
+    "spoon": "dessertspoon",
+    "chair": "chair seat",
+    "tvmonitor": "tvmonitor screen",
+    "remote": "remote control",
+    "hair drier": "hairdrier,blowdrier",
+}
+COCO_BACKGROUND = tuple(n for n in VOC_BACKGROUND if n not in ("keyboard", "sign"))
+
+
+@dataclass(frozen=True)
+class ClassSet:
+    name: str
+    classes: tuple[str, ...]  # canonical names, index = 0-based foreground class id
+    prompt_names: tuple[str, ...]  # what goes into the template, synonyms included
+    background: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        """Foreground classes; segmentation heads have num_classes + 1 outputs (0 = background)."""
+        return len(self.classes)
+
+
+def _with_synonyms(classes: tuple[str, ...], synonyms: dict[str, str]) -> tuple[str, ...]:
+    return tuple(synonyms.get(c, c) for c in classes)
+
+
+CLASS_SETS: dict[str, ClassSet] = {
+    "voc": ClassSet("voc", VOC_CLASSES, _with_synonyms(VOC_CLASSES, VOC_SYNONYMS), VOC_BACKGROUND),
+    "coco": ClassSet("coco", COCO_CLASSES, _with_synonyms(COCO_CLASSES, COCO_SYNONYMS), COCO_BACKGROUND),
+}
+
+
+def class_set(name: str) -> ClassSet:
+    try:
+        return CLASS_SETS[name]
+    except KeyError:
+        raise ValueError(f"unknown class set {name!r}; known: {sorted(CLASS_SETS)}") from None
+
+
+def prompts(names: tuple[str, ...] | list[str], template: str) -> list[str]:
+    return [template.format(n) for n in names]
+
+
+@dataclass(frozen=True)
+class TextEmbeddings:
+    fg: torch.Tensor  # C × E, L2-normalised, row = class id
+    bg: torch.Tensor  # M × E, L2-normalised
+
+    def per_image(self, labels: list[int]) -> torch.Tensor:
+        """The per-image text set: present classes in the given order, then every background prompt."""
+        return torch.cat([self.fg[list(labels)], self.bg], dim=0)
+
+
+_EMBEDDING_CACHE: dict[tuple, TextEmbeddings] = {}
+
+
+def text_embeddings(backbone, classes: ClassSet, template: str) -> TextEmbeddings:
+    """Prompt embeddings of a class set, computed once per (model identity, prompts) and cached.
+
+    `backbone.encode_text(list[str])` returns one L2-normalised row per prompt (ALGORITHM.md §3.3: one template,
+    so the mean over templates and the second normalisation change nothing).
+    """
+    fg_prompts = prompts(classes.prompt_names, template)
+    bg_prompts = prompts(classes.background, template)
+    key = (backbone.identity, tuple(fg_prompts), tuple(bg_prompts))
+    if key not in _EMBEDDING_CACHE:
+        with torch.no_grad():
+            emb = backbone.encode_text(fg_prompts + bg_prompts).float()
+        _EMBEDDING_CACHE[key] = TextEmbeddings(fg=emb[: len(fg_prompts)], bg=emb[len(fg_prompts):])
+    return _EMBEDDING_CACHE[key]
