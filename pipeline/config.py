@@ -15,6 +15,7 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 CLIP_MEAN = tuple(255.0 * v for v in (0.48145466, 0.4578275, 0.40821073))  # CLIP-ES
 CLIP_STD = tuple(255.0 * v for v in (0.26862954, 0.26130258, 0.27577711))
 IGNORE_INDEX = 255
+CAFFE_BGR_MEAN = (104.008, 116.669, 122.675)  # CLIP-ES CRF image quirk (eval_cam_with_crf.py, ALGORITHM.md §5.3)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,19 @@ class AugConfig:
     crop: int = 320
     scale_range: tuple[float, float] = (0.5, 2.0)
     flip_prob: float = 0.5
+
+
+@dataclass(frozen=True)
+class ManifestConfig:
+    """Building a dataset manifest (DESIGN.md §3.1, ALGORITHM.md §2); used by stages/manifest.py."""
+    voc_split: str = "train_aug"  # WeCLIP trains VOC on train_aug (10,582 ids), ALGORITHM.md §7.1
+    coco_split: str = "train"  # COCO train2014
+    shapes_split: str = "train"  # pipeline/data/shapes.py writes ImageSets/Segmentation/<split>.txt
+    folder_split: str = "train"  # the split name written for a folder of images
+    voc_labels: Literal["mask", "xml"] = "mask"  # WeCLIP code: unique GT-PNG values; CLIP-ES: XML <object><name>
+    coco_labels: Literal["mask", "json"] = "mask"  # WeCLIP code: SegmentationClass PNGs; "json": instances_*.json
+    decode: Literal["full", "header"] = "full"  # full pixel decode catches truncated files; header = PIL verify
+    workers: int = 8  # validation threads (PIL decodes outside the GIL)
 
 
 @dataclass(frozen=True)
@@ -97,7 +111,10 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.01  # paper: 1e-3
     warmup_iters: int = 50
+    warmup_ratio: float = 1e-6  # warm-up starts at lr * warmup_ratio (utils/optimizer.py, ALGORITHM.md §7.3)
     poly_power: float = 1.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
     seed: int = 1
     checkpoint_every: int = 2000
     workers: int = 2
@@ -167,7 +184,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "shapes": {
         "dataset": "shapes",
         "model": {"name": "weclip-tiny", "pretrained": None},
-        "text": {"classes": "shapes"},
+        "text": {"classes": "shapes", "template": "a photo of {}."},  # captions of pipeline/data/shapes.py use it
         "aug": {"crop": 224},
         "refine": {"rfm_start_iter": 300},
         "extract": {"views": 2, "samples_per_shard": 32},
