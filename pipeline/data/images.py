@@ -1,0 +1,110 @@
+"""Robust image and mask decoding: every file becomes 8-bit RGB (images) or an 8-bit index map (masks).
+
+PIL identifies the format from the file's content, not its name, so a PNG saved as `.jpg` decodes
+correctly. Colour modes are converted to RGB the way WeCLIP's loaders end up (ALGORITHM.md §2.2:
+grayscale is replicated to three channels); alpha is dropped; 16-bit grayscale is scaled to 8 bits
+instead of being clipped (PIL's own conversion saturates every value above 255). EXIF orientation
+is deliberately NOT applied: the ground-truth masks are aligned with the stored pixel grid.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+# Modes PIL converts to RGB without losing meaning. The 16-bit grayscale modes are scaled first.
+_RGB_CONVERTIBLE = frozenset({"RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV",
+                              "L", "LA", "La", "P", "PA", "1"})
+_GRAY16 = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_MASK_MODES = frozenset({"P", "L"})  # VOC SegmentationClass is P, SegmentationClassAug is L
+
+DecodeMode = Literal["full", "header"]
+
+
+class ImageDecodeError(ValueError):
+    """A file that cannot be used. `reason` is a short code used in reject files: missing, empty,
+    corrupt, unsupported_mode."""
+
+    def __init__(self, path: Path, reason: str, detail: str) -> None:
+        super().__init__(f"{path}: {detail}")
+        self.path = path
+        self.reason = reason
+
+
+def _open(path: Path) -> Image.Image:
+    """Open a file lazily (header only), turning every failure into an ImageDecodeError."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageDecodeError(path, "missing", "file does not exist") from None
+    if size == 0:
+        raise ImageDecodeError(path, "empty", "file has zero bytes")
+    try:
+        return Image.open(path)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageDecodeError(path, "corrupt", f"not a readable image ({err})") from None
+
+
+def _decode(path: Path, allowed: frozenset[str]) -> Image.Image:
+    """Fully decode the pixel data (catches truncated files, which a header read does not)."""
+    im = _open(path)
+    if im.mode not in allowed:
+        im.close()
+        raise ImageDecodeError(path, "unsupported_mode", f"pixel mode {im.mode!r} is not supported")
+    try:
+        im.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        im.close()
+        raise ImageDecodeError(path, "corrupt", f"pixel data cannot be decoded ({err})") from None
+    return im
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any supported PIL mode to RGB; 16-bit grayscale keeps its top 8 bits."""
+    if im.mode in _GRAY16:
+        gray = (np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """Decode an image file to an H×W×3 uint8 array (RGB). Raises ImageDecodeError naming the file."""
+    path = Path(path)
+    with _decode(path, _RGB_CONVERTIBLE | _GRAY16) as im:
+        return np.array(to_rgb(im), dtype=np.uint8)
+
+
+def load_mask(path: str | Path) -> np.ndarray:
+    """Decode a single-channel index PNG (mode P or L) to an H×W uint8 array of class indices.
+
+    For palette images the values are the palette indices, i.e. the VOC class ids (0 = background,
+    255 = ignore), never the palette colours.
+    """
+    path = Path(path)
+    with _decode(path, _MASK_MODES) as im:
+        return np.array(im, dtype=np.uint8)
+
+
+def check_image(path: str | Path, decode: DecodeMode = "full") -> tuple[int, int]:
+    """Return (height, width) of a usable image, or raise ImageDecodeError.
+
+    `decode="full"` decodes every pixel (a truncated JPEG is caught); `"header"` only reads the
+    header and runs PIL's `verify()` (checksums for PNG; much faster on large sets, but a truncated
+    JPEG passes).
+    """
+    path = Path(path)
+    if decode == "full":
+        with _decode(path, _RGB_CONVERTIBLE | _GRAY16) as im:
+            return im.height, im.width
+    with _open(path) as im:
+        if im.mode not in _RGB_CONVERTIBLE | _GRAY16:
+            raise ImageDecodeError(path, "unsupported_mode", f"pixel mode {im.mode!r} is not supported")
+        height, width = im.height, im.width
+        try:
+            im.verify()
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ImageDecodeError(path, "corrupt", f"image fails verification ({err})") from None
+    return height, width

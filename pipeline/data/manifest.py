@@ -1,0 +1,266 @@
+"""The dataset manifest (DESIGN.md §3.1): candidate rows from a reader, validation, Parquet I/O, rejects.
+
+A reader (voc.py, coco.py, folder.py) lists `Candidate`s and the rejects it can already decide
+(unknown class names, missing XML). `validate` then checks every candidate on disk in a thread pool
+(PIL decodes outside the GIL) and turns it into a `ManifestRow` or a `Reject`; nothing is dropped
+without a reason. The Arrow schema is built from `manifests/manifest_schema.json`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from functools import cache, cached_property
+from importlib import resources
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline.config import IGNORE_INDEX
+from pipeline.data.images import DecodeMode, ImageDecodeError, check_image, load_mask
+
+_ARROW_TYPES = {"string": pa.string(), "int16": pa.int16(), "int32": pa.int32(),
+                "list<int16>": pa.list_(pa.int16())}
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@cache
+def schema_spec() -> dict:
+    """The manifest contract as data (manifests/manifest_schema.json)."""
+    return json.loads(resources.files("manifests").joinpath("manifest_schema.json").read_text())
+
+
+@cache
+def arrow_schema() -> pa.Schema:
+    spec = schema_spec()
+    return pa.schema([pa.field(c["name"], _ARROW_TYPES[c["type"]], nullable=c["nullable"])
+                      for c in spec["columns"]])
+
+
+def schema_version() -> int:
+    return int(schema_spec()["schema_version"])
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A row before validation. `labels=None` means: derive the labels from the mask (WeCLIP's rule)."""
+    image_id: str
+    image_path: str  # POSIX, relative to the dataset root
+    split: str
+    mask_path: str | None = None
+    labels: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.labels is None and self.mask_path is None:
+            raise ValueError(f"candidate {self.image_id!r} has neither labels nor a mask to derive them from")
+
+
+@dataclass(frozen=True)
+class Reject:
+    image_id: str
+    path: str  # the offending file, relative to the root (absolute when outside it)
+    reason: str  # a code listed in manifest_schema.json "rejects.reasons"
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    image_id: str
+    image_path: str
+    mask_path: str | None
+    labels: tuple[int, ...]
+    height: int
+    width: int
+    split: str
+
+
+@dataclass
+class Listing:
+    """What a reader returns: candidates to validate plus the rejects it found itself."""
+    candidates: list[Candidate] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+
+
+def strip_image_suffix(name: str) -> str:
+    """'JPEGImages/2007_000032.jpg' -> '2007_000032'; an id without an image suffix is kept as is."""
+    path = PurePosixPath(name)
+    return path.stem if path.suffix.lower() in _IMAGE_SUFFIXES else path.name
+
+
+def read_id_list(path: Path) -> list[str]:
+    """Ids from a split list file: the first token of each non-empty, non-comment line.
+
+    Accepts plain ids (`ImageSets/Segmentation/train.txt`), DeepLab-style pairs
+    (`/JPEGImages/x.jpg /SegmentationClassAug/x.png`) and CLIP-ES's `coco14/*.txt` (id then class ids).
+    """
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"split list {path} does not exist") from None
+    ids = [strip_image_suffix(line.split()[0]) for line in text.splitlines()
+           if line.strip() and not line.lstrip().startswith("#")]
+    if not ids:
+        raise ValueError(f"split list {path} contains no ids")
+    return ids
+
+
+def mask_labels(mask: np.ndarray) -> tuple[int, ...]:
+    """0-based foreground ids present in an index mask: sorted unique values minus 1, without 0 and 255.
+
+    Equivalent to WeCLIP's uint8 trick (ALGORITHM.md §2.1: `unique - 1`, drop 255 and 254), which
+    removes exactly the background (0) and ignore (255) values.
+    """
+    values = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))  # sorted unique, without a sort
+    return tuple(int(v) - 1 for v in values if v != 0 and v != IGNORE_INDEX)
+
+
+def _validate_one(c: Candidate, root: Path, num_classes: int, decode: DecodeMode) -> ManifestRow | Reject:
+    try:
+        height, width = check_image(root / c.image_path, decode)
+    except ImageDecodeError as err:
+        return Reject(c.image_id, c.image_path, f"image_{err.reason}", str(err))
+    labels = c.labels
+    if c.mask_path is not None:
+        try:
+            mask = load_mask(root / c.mask_path)
+        except ImageDecodeError as err:
+            return Reject(c.image_id, c.mask_path, f"mask_{err.reason}", str(err))
+        if mask.shape != (height, width):
+            return Reject(c.image_id, c.mask_path, "mask_size_mismatch",
+                          f"mask is {mask.shape[0]}x{mask.shape[1]}, image is {height}x{width} (HxW)")
+        from_mask = mask_labels(mask)
+        bad = [v + 1 for v in from_mask if v >= num_classes]
+        if bad:
+            return Reject(c.image_id, c.mask_path, "label_out_of_range",
+                          f"mask values {bad} exceed the {num_classes} classes (allowed 0..{num_classes}, 255)")
+        labels = from_mask if labels is None else labels
+    bad = [v for v in labels if not 0 <= v < num_classes]
+    if bad:
+        return Reject(c.image_id, c.image_path, "label_out_of_range",
+                      f"class ids {bad} outside 0..{num_classes - 1}")
+    if not labels:
+        return Reject(c.image_id, c.image_path, "no_foreground", "image has no foreground class")
+    return ManifestRow(c.image_id, c.image_path, c.mask_path, tuple(sorted(set(labels))), height, width, c.split)
+
+
+def validate(candidates: Sequence[Candidate], root: Path, num_classes: int, *, decode: DecodeMode = "full",
+             workers: int = 8, progress: bool = True) -> tuple[list[ManifestRow], list[Reject]]:
+    """Check every candidate on disk; return accepted rows (input order) and rejects.
+
+    Duplicate ids: the first occurrence is validated, every later one is rejected as `duplicate_id`.
+    """
+    seen: dict[str, str] = {}
+    unique: list[Candidate] = []
+    rejects: list[Reject] = []
+    for c in candidates:
+        if c.image_id in seen:
+            rejects.append(Reject(c.image_id, c.image_path, "duplicate_id", f"id already used by {seen[c.image_id]}"))
+        else:
+            seen[c.image_id] = c.image_path
+            unique.append(c)
+    root = Path(root)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(tqdm(pool.map(lambda c: _validate_one(c, root, num_classes, decode), unique),
+                            total=len(unique), desc="validating images", unit="img", disable=not progress))
+    rows = [r for r in results if isinstance(r, ManifestRow)]
+    rejects += [r for r in results if isinstance(r, Reject)]
+    return rows, rejects
+
+
+def rejects_path(manifest_path: str | Path) -> Path:
+    """`x/voc_train_aug.parquet` -> `x/voc_train_aug.rejects.jsonl`."""
+    path = Path(manifest_path)
+    return path.with_name(path.name.removesuffix(".parquet") + ".rejects.jsonl")
+
+
+def _atomic_write(path: Path, write) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_rejects(path: str | Path, rejects: Iterable[Reject]) -> Path:
+    """One JSON object per line (always written, so a stale file never survives a rebuild)."""
+    lines = "".join(json.dumps(asdict(r)) + "\n" for r in rejects)
+    return _atomic_write(Path(path), lambda tmp: tmp.write_text(lines))
+
+
+def read_rejects(path: str | Path) -> list[Reject]:
+    return [Reject(**json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_manifest(path: str | Path, rows: Sequence[ManifestRow], *, dataset: str, class_names: Sequence[str],
+                   root: str | Path, command: str, class_set: str | None = None) -> Path:
+    """Write the Parquet manifest atomically, with the metadata of manifest_schema.json."""
+    path = Path(path)
+    if path.suffix != ".parquet":
+        raise ValueError(f"manifest path {path} must end in .parquet")
+    schema = arrow_schema()
+    columns = {name: [getattr(r, name) for r in rows] for name in schema.names}
+    columns["labels"] = [list(r.labels) for r in rows]
+    meta = {"schema_version": schema_version(), "dataset": dataset, "class_set": class_set,
+            "class_names": list(class_names), "root": str(Path(root).resolve()), "command": command}
+    table = pa.Table.from_pydict(columns, schema=schema).replace_schema_metadata(
+        {schema_spec()["metadata_key"]: json.dumps(meta)})
+    return _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A manifest read back: the Arrow table plus its metadata."""
+    path: Path
+    table: pa.Table
+    dataset: str
+    class_set: str | None
+    class_names: tuple[str, ...]
+    root: Path
+    command: str
+
+    @cached_property
+    def rows(self) -> tuple[ManifestRow, ...]:
+        return tuple(ManifestRow(**{**d, "labels": tuple(d["labels"])}) for d in self.table.to_pylist())
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def image_abspath(self, row: ManifestRow) -> Path:
+        return self.root / row.image_path
+
+    def mask_abspath(self, row: ManifestRow) -> Path | None:
+        return None if row.mask_path is None else self.root / row.mask_path
+
+
+def read_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
+    """Read and check a manifest. `root` overrides the recorded root (data moved to another machine)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist; build it with `weclip manifest`")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(f"{path} is not a readable Parquet file ({err}); rebuild it with `weclip manifest`") from None
+    raw = (table.schema.metadata or {}).get(schema_spec()["metadata_key"].encode())
+    if raw is None:
+        raise ValueError(f"{path} has no weclip manifest metadata; it was not written by `weclip manifest`")
+    meta = json.loads(raw)
+    if meta.get("schema_version") != schema_version():
+        raise ValueError(f"{path} has manifest schema version {meta.get('schema_version')}, this code reads "
+                         f"{schema_version()}; rebuild it with `weclip manifest`")
+    expected = arrow_schema()
+    if not table.schema.remove_metadata().equals(expected):
+        raise ValueError(f"{path} columns {table.schema.names} with types {table.schema.types} do not match "
+                         f"the manifest schema {expected.names}; rebuild it with `weclip manifest`")
+    return Manifest(path=path, table=table, dataset=meta["dataset"], class_set=meta.get("class_set"),
+                    class_names=tuple(meta["class_names"]), root=Path(root if root is not None else meta["root"]),
+                    command=meta["command"])
