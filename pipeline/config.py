@@ -82,9 +82,10 @@ class ExtractConfig:
     samples_per_shard: int = 64
     batch_size: int = 8
     dtype: Literal["float16", "float32", "bfloat16"] = "float16"
-    compressor: str = "zstd"  # see pipeline/cache/schema.py for the measured choices
+    compressor: str = "blosc-zstd:1"  # smallest at >100 MB/s write (benchmarks/results/cache_codecs.json)
     feature_layers: tuple[int, ...] = tuple(range(1, 12))  # 1-based blocks feeding the decoder (code: 1..11)
-    attn_layers: tuple[int, ...] = tuple(range(1, 13))  # 1-based blocks whose attention is stored for CAA/RFM
+    # 1-based blocks whose attention is stored: CAA needs the last 8 (5..12), RFM the last 6 (VOC) / 10 (COCO)
+    attn_layers: tuple[int, ...] = tuple(range(5, 13))
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dataset": "coco",
         "text": {"classes": "coco"},
         "refine": {"box_threshold": 0.7, "rfm_layers": 10, "rfm_start_iter": 40000},
+        "extract": {"attn_layers": list(range(3, 13))},
         "train": {"iterations": 80000, "checkpoint_every": 10000},
     },
     "shapes": {

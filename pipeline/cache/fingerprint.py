@@ -1,0 +1,120 @@
+"""Cache fingerprints: everything that determines what the extract stage writes, plus a stable digest.
+
+A fingerprint is a plain JSON-able dict. Two caches hold the same content exactly when their digests match;
+the compressor and the shard size change only the layout and live in `CacheSpec` instead (DESIGN.md §3.2).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from pipeline.cache.schema import SCHEMA_VERSION
+from pipeline.config import Config
+
+FINGERPRINT_KEYS = (
+    "model",  # open_clip model name
+    "checkpoint",  # "sha256:<hex>" of a local checkpoint file, or the open_clip pretrained tag
+    "precision",  # backbone compute precision (fp32 / bf16 / fp16)
+    "input_size",  # crop side the backbone sees
+    "grid",  # patch grid (h, w)
+    "feature_layers",  # 1-based blocks stored in `features`
+    "attn_layers",  # 1-based blocks stored in `attn`
+    "prompts_sha256",  # hash of the prompt strings (template applied to class and background names)
+    "classes_sha256",  # hash of the canonical class names (class id order)
+    "normalisation",
+    "dtype",
+    "views",
+    "seed",
+    "augmentation",  # the AugConfig as a dict
+    "manifest_sha256",  # hash of the manifest's (image_id, labels) list, so a changed dataset is a new cache
+    "schema_version",
+)
+
+
+def canonical_json(value: Any) -> str:
+    """Key-sorted, whitespace-free JSON; tuples become lists, dataclasses dicts."""
+    return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def sha256_json(value: Any) -> str:
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
+
+
+def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_fingerprint(**parts: Any) -> dict[str, Any]:
+    """The fingerprint dict: every key of FINGERPRINT_KEYS (schema_version filled in), plus `digest`.
+
+    Missing or unknown keys raise, so a new content-determining setting cannot be silently left out.
+    """
+    parts = {"schema_version": SCHEMA_VERSION, **parts}
+    missing = [k for k in FINGERPRINT_KEYS if k not in parts]
+    unknown = sorted(set(parts) - set(FINGERPRINT_KEYS))
+    if missing or unknown:
+        raise TypeError(f"make_fingerprint: missing keys {missing}, unknown keys {unknown}")
+    plain = _plain(parts)
+    return {**plain, "digest": sha256_json(plain)}
+
+
+def diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Keys whose values differ (or that only one side has), sorted; `digest` itself is not reported."""
+    a, b = _plain(a), _plain(b)
+    return sorted(k for k in set(a) | set(b) if k != "digest" and a.get(k, _ABSENT) != b.get(k, _ABSENT))
+
+
+def checkpoint_identity(pretrained: str | None) -> str:
+    """"sha256:<hex>" for a local checkpoint file, else the open_clip pretrained tag ("none" = random init)."""
+    if pretrained is None:
+        return "none"
+    path = Path(pretrained)
+    return f"sha256:{sha256_file(path)}" if path.is_file() else pretrained
+
+
+def fingerprint_from_config(cfg: Config, *, grid: tuple[int, int], prompts: Sequence[str],
+                            class_names: Sequence[str], manifest: Sequence[tuple[str, Sequence[int]]]
+                            ) -> dict[str, Any]:
+    """The fingerprint of an extract run: `prompts` = every prompt string the CAMs use, in order;
+    `manifest` = (image_id, labels) per image, in plan order."""
+    return make_fingerprint(
+        model=cfg.model.name,
+        checkpoint=checkpoint_identity(cfg.model.pretrained),
+        precision=cfg.model.precision,
+        input_size=cfg.aug.crop,
+        grid=grid,
+        feature_layers=cfg.extract.feature_layers,
+        attn_layers=cfg.extract.attn_layers,
+        prompts_sha256=sha256_json(list(prompts)),
+        classes_sha256=sha256_json(list(class_names)),
+        normalisation=cfg.model.normalisation,
+        dtype=cfg.extract.dtype,
+        views=cfg.extract.views,
+        seed=cfg.extract.seed,
+        augmentation=cfg.aug,
+        manifest_sha256=sha256_json([[i, list(l)] for i, l in manifest]),
+    )
+
+
+_ABSENT = object()
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -1,0 +1,231 @@
+"""The feature cache schema, in one place (DESIGN.md §3.2).
+
+A cache is one Zarr v3 group. Each stored quantity is one array whose leading axis is the global sample
+position (`row`); chunk = one sample, shard = one work unit of `samples_per_shard` consecutive rows, so a
+work unit writes exactly one shard file per array. Next to the arrays the store holds:
+
+    _commits/shard-000012.json   one commit record per finished shard, written last (§3.3)
+    index.parquet                one row per committed sample      (written by `CacheWriter.finalize`)
+    shards.parquet               one row per planned shard
+    skipped.parquet              one row per image that failed to decode
+
+Per-sample arrays (ViT-B/16, crop 320: grid 20×20, N=400, D=768):
+
+    features     L_dec × N × D      float   patch tokens of the decoder's blocks (CLS dropped)
+    attn         L_attn × N × N     float   head-averaged patch-to-patch attention
+    cams         K_max × h × w      float   Softmax-Grad-CAM per present class, min-max normalised
+    cam_classes  K_max              int16   class id per CAM slot, −1 = empty
+    image        3 × crop × crop    uint8   the augmented crop
+    valid        crop × crop        bool    false on padding
+
+"float" is the cache dtype: float16 (default), float32 or bfloat16. Zarr 3 has no bfloat16 data type, so
+bfloat16 is stored as its raw bits in uint16 (array attribute `weclip_dtype: bfloat16`) and decoded to
+float32 on read, which is exact. Rows of a skipped image are never written and read as the fill value.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from zarr.abc.codec import BytesBytesCodec
+from zarr.codecs import BloscCodec, ZstdCodec
+
+SCHEMA_VERSION = 1
+KNOWN_SCHEMA_VERSIONS = frozenset({1})
+
+ROOT_ATTR = "weclip_cache"  # root group attribute holding {schema_version, fingerprint, spec}
+DTYPE_ATTR = "weclip_dtype"  # array attribute: the logical dtype when it differs from the stored one
+COMMIT_PREFIX = "_commits/"
+INDEX_KEY = "index.parquet"
+SHARDS_KEY = "shards.parquet"
+SKIPPED_KEY = "skipped.parquet"
+
+FloatDtype = Literal["float16", "float32", "bfloat16"]
+FLOAT_ARRAYS = ("features", "attn", "cams")
+ARRAY_NAMES = ("features", "attn", "cams", "cam_classes", "image", "valid")
+
+# Keys every sample row given to `CacheWriter.write_shard` must carry; other keys (augmentation parameters)
+# become extra index columns. `row` is the global sample position fixed by the plan.
+REQUIRED_ROW_KEYS = ("sample_id", "image_id", "view", "row", "labels")
+REQUIRED_SKIP_KEYS = ("image_id", "reason")
+ROW_TYPES: dict[str, pa.DataType] = {
+    "sample_id": pa.string(),
+    "image_id": pa.string(),
+    "view": pa.int32(),
+    "shard": pa.int32(),
+    "row": pa.int64(),
+    "labels": pa.list_(pa.int16()),
+}
+SHARD_TYPES: dict[str, pa.DataType] = {
+    "shard": pa.int32(),
+    "status": pa.string(),  # "committed" | "missing"
+    "n_samples": pa.int32(),
+    "n_skipped": pa.int32(),
+    "checksum": pa.string(),  # sha256 over the per-array checksums, in ARRAY_NAMES order
+    "bytes": pa.int64(),  # shard files on disk, all arrays
+    **{f"bytes_{name}": pa.int64() for name in ARRAY_NAMES},
+}
+SKIPPED_TYPES: dict[str, pa.DataType] = {"image_id": pa.string(), "reason": pa.string(), "shard": pa.int32()}
+
+# Compressor names: "<family>[:level]". Blosc families apply a byte shuffle (or bit shuffle, "-bit") of the
+# element size before compressing, which groups the exponent bytes of float16 values together.
+_COMPRESSOR_FAMILIES = {
+    "none": None,
+    "zstd": 3,
+    "blosc-lz4": 5,
+    "blosc-zstd": 3,
+    "blosc-lz4-bit": 5,
+    "blosc-zstd-bit": 3,
+}
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Shapes and layout of one cache; stored in the root attributes and compared on reopen.
+
+    `grid` is the patch grid (h, w) of the crop; `dim` the token width D; `k_max` the most classes an image
+    of the dataset carries. The plan puts sample `row` in shard `row // samples_per_shard`.
+    """
+    total_samples: int
+    samples_per_shard: int
+    feature_layers: int
+    attn_layers: int
+    grid: tuple[int, int]
+    dim: int
+    k_max: int
+    crop: int
+    dtype: FloatDtype
+    compressor: str
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float16", "float32", "bfloat16"):
+            raise ValueError(f"cache dtype must be float16, float32 or bfloat16, not {self.dtype!r}")
+        if self.total_samples < 1 or self.samples_per_shard < 1:
+            raise ValueError(f"total_samples and samples_per_shard must be positive: {self}")
+        compressor_codecs(self.compressor)  # fail early on a bad name
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.total_samples // self.samples_per_shard)
+
+    def shard_rows(self, shard_index: int) -> range:
+        """Global sample positions held by a shard."""
+        if not 0 <= shard_index < self.n_shards:
+            raise IndexError(f"shard {shard_index} outside the plan's 0..{self.n_shards - 1}")
+        start = shard_index * self.samples_per_shard
+        return range(start, min(start + self.samples_per_shard, self.total_samples))
+
+    def arrays(self) -> dict[str, "ArraySchema"]:
+        n = self.grid[0] * self.grid[1]
+        return {
+            "features": ArraySchema("features", (self.feature_layers, n, self.dim), self.dtype, 0),
+            "attn": ArraySchema("attn", (self.attn_layers, n, n), self.dtype, 0),
+            "cams": ArraySchema("cams", (self.k_max, *self.grid), self.dtype, 0),
+            "cam_classes": ArraySchema("cam_classes", (self.k_max,), "int16", -1),
+            "image": ArraySchema("image", (3, self.crop, self.crop), "uint8", 0),
+            "valid": ArraySchema("valid", (self.crop, self.crop), "bool", False),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["grid"] = list(self.grid)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CacheSpec":
+        return cls(**{**d, "grid": tuple(d["grid"])})
+
+
+@dataclass(frozen=True)
+class ArraySchema:
+    """One per-sample array: `shape` excludes the leading sample axis; `dtype` is the logical dtype."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    fill: int | bool
+
+    @property
+    def storage_dtype(self) -> np.dtype:
+        return np.dtype("uint16") if self.dtype == "bfloat16" else np.dtype(self.dtype)
+
+    @property
+    def sample_nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.storage_dtype.itemsize
+
+    def to_storage(self, values: np.ndarray) -> np.ndarray:
+        """Cast a stack of samples to the stored dtype. Floats are rounded to nearest-even; other arrays
+        must already have their exact dtype (a silent int64 -> int16 cast could wrap)."""
+        if values.shape[1:] != self.shape:
+            raise ValueError(f"array {self.name!r}: per-sample shape {values.shape[1:]}, schema says {self.shape}")
+        if self.name in FLOAT_ARRAYS:
+            if values.dtype.kind != "f":
+                raise TypeError(f"array {self.name!r} must be floating point, got {values.dtype}")
+            if self.dtype == "bfloat16":
+                return bfloat16_bits(values)
+            return np.ascontiguousarray(values, dtype=self.storage_dtype)
+        if values.dtype != self.storage_dtype:
+            raise TypeError(f"array {self.name!r} must have dtype {self.storage_dtype}, got {values.dtype}")
+        return np.ascontiguousarray(values)
+
+    def from_storage(self, stored: np.ndarray) -> np.ndarray:
+        return bfloat16_to_float32(stored) if self.dtype == "bfloat16" else stored
+
+    def zarr_kwargs(self, spec: CacheSpec) -> dict[str, Any]:
+        """Arguments of `zarr.Group.create_array` for this array: chunk = one sample, shard = one work unit."""
+        return {
+            "name": self.name,
+            "shape": (spec.total_samples, *self.shape),
+            "chunks": (1, *self.shape),
+            "shards": (spec.samples_per_shard, *self.shape),
+            "dtype": self.storage_dtype,
+            "fill_value": self.fill,
+            "compressors": compressor_codecs(spec.compressor),
+            "attributes": {DTYPE_ATTR: self.dtype},
+        }
+
+
+def compressor_codecs(name: str) -> tuple[BytesBytesCodec, ...]:
+    """Zarr v3 codecs for a compressor name such as "zstd:3", "blosc-zstd:1", "blosc-lz4" or "none".
+
+    Default levels: zstd 3, blosc-zstd 3, blosc-lz4 5. Measured by `benchmarks/cache_codecs.py`
+    (results/cache_codecs.json; ViT-B/16 random weights, crop 320, float16; raw 11.01 MB/sample):
+    blosc-zstd:1 8.97 MB/sample (features ×1.09, attn ×1.56), zstd:3 9.17 MB, blosc-lz4 9.94 MB,
+    blosc-zstd:3 8.89 MB at about half the write speed of blosc-zstd:1. Float16 features are nearly
+    incompressible (random mantissa bits); the byte shuffle is what helps the attention maps.
+    Recommended default: "blosc-zstd:1" (`ExtractConfig.compressor` in pipeline/config.py).
+    """
+    family, _, level_text = name.partition(":")
+    if family not in _COMPRESSOR_FAMILIES:
+        raise ValueError(f"unknown compressor {name!r}; use one of {sorted(_COMPRESSOR_FAMILIES)}, "
+                         "optionally with ':<level>' (e.g. 'zstd:3')")
+    default_level = _COMPRESSOR_FAMILIES[family]
+    if default_level is None:
+        if level_text:
+            raise ValueError(f"compressor 'none' takes no level, got {name!r}")
+        return ()
+    level = int(level_text) if level_text else default_level
+    if family == "zstd":
+        return (ZstdCodec(level=level),)
+    _, cname, *bit = family.split("-")
+    return (BloscCodec(cname=cname, clevel=level, shuffle="bitshuffle" if bit else "shuffle"),)
+
+
+def bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float -> bfloat16 bit patterns (uint16), rounding to nearest-even like `torch.Tensor.bfloat16()`."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    nan = np.isnan(values)
+    rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+    out = (rounded >> np.uint32(16)).astype(np.uint16)
+    out[nan] = 0x7FC0  # a quiet NaN; the rounding add could otherwise carry a NaN into infinity
+    return out
+
+
+def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def commit_key(shard_index: int) -> str:
+    return f"{COMMIT_PREFIX}shard-{shard_index:06d}.json"

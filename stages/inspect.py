@@ -1,0 +1,85 @@
+"""`weclip inspect`: what a feature cache holds — fingerprint, counts, sizes, skipped images.
+
+Reads only metadata (root attributes, commit records or the finalized Parquet tables), never the arrays.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+
+from pipeline.cache.schema import ARRAY_NAMES
+from pipeline.cache.store import CacheReader, CacheRoot
+
+
+@dataclass(frozen=True)
+class InspectSummary:
+    path: str
+    fingerprint: dict[str, Any]
+    spec: dict[str, Any]
+    images: int  # distinct images with at least one committed sample
+    views: int  # distinct view numbers among committed samples
+    samples: int  # committed samples
+    planned_samples: int
+    shards_committed: int
+    shards_missing: list[int]
+    bytes_on_disk: dict[str, int]  # per array, committed shards
+    raw_bytes_per_sample: dict[str, int]  # per array, decoded
+    skipped: list[dict[str, Any]]  # image_id, reason, shard
+
+    @property
+    def bytes_per_sample(self) -> float:
+        return sum(self.bytes_on_disk.values()) / max(self.samples, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "bytes_per_sample": self.bytes_per_sample}
+
+    def format(self) -> str:
+        raw = sum(self.raw_bytes_per_sample.values())
+        n = max(self.samples, 1)
+        missing = ", ".join(map(str, self.shards_missing[:20])) + (" ..." if len(self.shards_missing) > 20 else "")
+        lines = [
+            f"feature cache {self.path}",
+            f"  fingerprint {self.fingerprint.get('digest', '?')[:16]}  model {self.fingerprint.get('model')} "
+            f"({self.fingerprint.get('checkpoint')})  dtype {self.spec['dtype']}  compressor {self.spec['compressor']}",
+            f"  {self.images} images, {self.views} views, {self.samples} samples committed "
+            f"(plan: {self.planned_samples})",
+            f"  shards: {self.shards_committed} committed, {len(self.shards_missing)} missing"
+            + (f" [{missing}]" if self.shards_missing else ""),
+            f"  per sample: {_mb(self.bytes_per_sample)} on disk, {_mb(raw)} raw "
+            f"(×{raw / max(self.bytes_per_sample, 1e-9):.2f})",
+        ]
+        for name in ARRAY_NAMES:
+            disk = self.bytes_on_disk[name]
+            lines.append(f"    {name:<12} {_mb(disk):>12} on disk  {_mb(disk / n):>10}/sample  "
+                         f"{_mb(self.raw_bytes_per_sample[name]):>10}/sample raw")
+        lines.append(f"  skipped images: {len(self.skipped)}")
+        lines += [f"    {s['image_id']}: {s['reason']}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def run(cache_path: CacheRoot) -> InspectSummary:
+    reader = CacheReader(cache_path)
+    tables = reader.tables
+    shards = tables.shards.to_pylist()
+    index = tables.index
+    return InspectSummary(
+        path=str(cache_path) if isinstance(cache_path, (str, Path)) else repr(cache_path),
+        fingerprint=reader.fingerprint,
+        spec=reader.spec.to_dict(),
+        images=len(pc.unique(index.column("image_id"))),
+        views=len(pc.unique(index.column("view"))),
+        samples=index.num_rows,
+        planned_samples=reader.spec.total_samples,
+        shards_committed=sum(s["status"] == "committed" for s in shards),
+        shards_missing=[s["shard"] for s in shards if s["status"] != "committed"],
+        bytes_on_disk={name: sum(s[f"bytes_{name}"] for s in shards) for name in ARRAY_NAMES},
+        raw_bytes_per_sample={name: a.sample_nbytes for name, a in reader.schemas.items()},
+        skipped=tables.skipped.select(["image_id", "reason", "shard"]).to_pylist(),
+    )
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.3f} MB"

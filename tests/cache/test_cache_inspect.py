@@ -1,0 +1,37 @@
+"""`stages.inspect.run` on a small cache with a skipped image and a missing shard."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import cache_fakes as fk  # noqa: E402
+
+from pipeline.cache.schema import ARRAY_NAMES  # noqa: E402
+from pipeline.cache.store import CacheWriter  # noqa: E402
+from stages import inspect  # noqa: E402
+
+
+def test_inspect_small_cache(tmp_path):
+    root = tmp_path / "cache"
+    spec, fp = fk.tiny_spec(), fk.tiny_fingerprint()
+    writer = CacheWriter.create_or_open(str(root), spec, fp)
+    for s in (0, 1):
+        writer.write_shard(s, *fk.shard_inputs(spec, s, skip=frozenset({"img1"})))
+    writer.finalize()
+
+    summary = inspect.run(str(root))
+    assert (summary.images, summary.views, summary.samples, summary.planned_samples) == (3, 2, 6, 10)
+    assert summary.shards_committed == 2 and summary.shards_missing == [2]
+    assert summary.skipped == [{"image_id": "img1", "reason": "cannot decode", "shard": 0}]
+    for name in ARRAY_NAMES:  # sizes from the commit records equal the shard files on disk
+        files = [p for p in (root / name / "c").rglob("*") if p.is_file()]
+        assert summary.bytes_on_disk[name] == sum(os.path.getsize(p) for p in files), name
+    assert summary.raw_bytes_per_sample["attn"] == 3 * 16 * 16 * 2
+    assert summary.bytes_per_sample == sum(summary.bytes_on_disk.values()) / 6
+    assert json.loads(json.dumps(summary.to_dict()))["samples"] == 6
+    text = summary.format()
+    assert str(root) in text and "img1: cannot decode" in text and "2 committed, 1 missing [2]" in text
+    assert fp["digest"][:16] in text

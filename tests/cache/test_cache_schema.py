@@ -1,0 +1,86 @@
+"""Cache schema: shapes, shard plan, compressor names, dtype casts (bfloat16 against torch)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from zarr.codecs import BloscCodec, ZstdCodec
+
+sys.path.insert(0, str(Path(__file__).parent))
+import cache_fakes as fk  # noqa: E402
+
+from pipeline.cache.schema import (ARRAY_NAMES, CacheSpec, bfloat16_bits, bfloat16_to_float32,  # noqa: E402
+                                   compressor_codecs)
+
+
+def test_vit_b16_shapes_and_sizes():
+    spec = CacheSpec(total_samples=1000, samples_per_shard=64, feature_layers=11, attn_layers=12, grid=(20, 20),
+                     dim=768, k_max=4, crop=320, dtype="float16", compressor="none")
+    arrays = spec.arrays()
+    assert list(arrays) == list(ARRAY_NAMES)
+    assert arrays["features"].shape == (11, 400, 768) and arrays["features"].sample_nbytes == 11 * 400 * 768 * 2
+    assert arrays["attn"].shape == (12, 400, 400)
+    assert arrays["cams"].shape == (4, 20, 20) and arrays["cam_classes"].shape == (4,)
+    assert arrays["image"].sample_nbytes == 3 * 320 * 320 and arrays["valid"].sample_nbytes == 320 * 320
+    kw = arrays["attn"].zarr_kwargs(spec)
+    assert kw["shape"] == (1000, 12, 400, 400) and kw["chunks"] == (1, 12, 400, 400)
+    assert kw["shards"] == (64, 12, 400, 400)
+
+
+def test_shard_plan_covers_every_row_once():
+    spec = fk.tiny_spec(total_samples=11, samples_per_shard=4)
+    assert spec.n_shards == 3
+    rows = [r for s in range(spec.n_shards) for r in spec.shard_rows(s)]
+    assert rows == list(range(11))
+    assert spec.shard_rows(2) == range(8, 11)
+    with pytest.raises(IndexError):
+        spec.shard_rows(3)
+
+
+def test_spec_dict_round_trip():
+    spec = fk.tiny_spec()
+    assert CacheSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="dtype"):
+        fk.tiny_spec(dtype="float64")
+    with pytest.raises(ValueError, match="unknown compressor"):
+        fk.tiny_spec(compressor="gzip")
+
+
+def test_compressor_names():
+    assert compressor_codecs("none") == ()
+    assert compressor_codecs("zstd") == (ZstdCodec(level=3),)
+    assert compressor_codecs("zstd:9") == (ZstdCodec(level=9),)
+    (b,) = compressor_codecs("blosc-zstd:1")
+    assert isinstance(b, BloscCodec) and b.cname.value == "zstd" and b.clevel == 1 and b.shuffle.value == "shuffle"
+    (b,) = compressor_codecs("blosc-lz4-bit")
+    assert b.cname.value == "lz4" and b.clevel == 5 and b.shuffle.value == "bitshuffle"
+    with pytest.raises(ValueError):
+        compressor_codecs("none:3")
+
+
+def test_bfloat16_matches_torch():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([
+        (rng.standard_normal(10000) * 10.0 ** rng.integers(-30, 30, 10000)).astype(np.float32),
+        np.array([0.0, -0.0, np.inf, -np.inf, 1e-45, 3.4e38, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8], np.float32),
+    ])
+    want = torch.from_numpy(values).bfloat16()
+    bits = bfloat16_bits(values)
+    np.testing.assert_array_equal(bits, want.view(torch.int16).numpy().view(np.uint16))
+    np.testing.assert_array_equal(bfloat16_to_float32(bits), want.float().numpy())
+    assert np.isnan(bfloat16_to_float32(bfloat16_bits(np.array([np.nan], np.float32))))[0]
+
+
+def test_to_storage_casts_floats_and_checks_the_rest():
+    arrays = fk.tiny_spec().arrays()
+    x = np.random.default_rng(0).standard_normal((2, 2, 16, 8))
+    np.testing.assert_array_equal(arrays["features"].to_storage(x), x.astype(np.float16))
+    with pytest.raises(ValueError, match="per-sample shape"):
+        arrays["features"].to_storage(x[:, :1])
+    with pytest.raises(TypeError, match="floating"):
+        arrays["cams"].to_storage(np.zeros((1, 3, 4, 4), np.int32))
+    with pytest.raises(TypeError, match="uint8"):
+        arrays["image"].to_storage(np.zeros((1, 3, 32, 32), np.int16))

@@ -1,0 +1,310 @@
+"""CacheWriter / CacheReader: round trips, exactly-once commits, resume, refusal of foreign or mismatched caches."""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from zarr.storage import LocalStore, MemoryStore
+
+sys.path.insert(0, str(Path(__file__).parent))
+import cache_fakes as fk  # noqa: E402
+
+from pipeline.cache.schema import ARRAY_NAMES, commit_key  # noqa: E402
+from pipeline.cache.store import CacheReader, CacheWriter, FingerprintMismatch, NotACache  # noqa: E402
+
+
+def expected(spec, rows: list[int]) -> dict[str, np.ndarray]:
+    """What the cache must return, computed without the cache: numpy casts of the fake samples."""
+    cast = {"float16": np.float16, "float32": np.float32}
+    out = {}
+    for name in ARRAY_NAMES:
+        stack = np.stack([fk.sample_arrays(spec, r)[name] for r in rows])
+        if name in ("features", "attn", "cams") and spec.dtype != "bfloat16":
+            stack = stack.astype(cast[spec.dtype])
+        elif name in ("features", "attn", "cams"):
+            stack = torch.from_numpy(stack).bfloat16().float().numpy()
+        out[name] = stack
+    return out
+
+
+def write_all(root, spec, fingerprint, shards=None, skip=frozenset()) -> CacheWriter:
+    writer = CacheWriter.create_or_open(root, spec, fingerprint)
+    for s in range(spec.n_shards) if shards is None else shards:
+        writer.write_shard(s, *fk.shard_inputs(spec, s, skip))
+    return writer
+
+
+def assert_reads_equal(reader: CacheReader, want: dict[str, np.ndarray], rows: list[int]) -> None:
+    got = reader.read(rows)
+    for name in ARRAY_NAMES:
+        assert got[name].dtype == want[name].dtype, name
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+@pytest.fixture
+def spec():
+    return fk.tiny_spec()
+
+
+@pytest.fixture
+def fingerprint():
+    return fk.tiny_fingerprint()
+
+
+@pytest.fixture(params=["memory", "local"])
+def root(request, tmp_path):
+    return MemoryStore() if request.param == "memory" else str(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
+def test_round_trip_exact(root, dtype):
+    spec, fp = fk.tiny_spec(dtype=dtype), fk.tiny_fingerprint(dtype=dtype)
+    write_all(root, spec, fp).finalize()
+    reader = CacheReader(root)
+    rows = [7, 0, 9, 3, 3, 5]  # any order, repeats allowed
+    assert_reads_equal(reader, expected(spec, rows), rows)
+    assert reader.read([])["features"].shape == (0, *spec.arrays()["features"].shape)
+    one = reader.read_sample(4)
+    np.testing.assert_array_equal(one["attn"], expected(spec, [4])["attn"][0])
+    assert reader.fingerprint == fp and reader.spec == spec
+    assert reader.index.column("row").to_pylist() == list(range(10))
+    assert reader.index.column("sample_id").to_pylist() == [fk.sample_row(r)["sample_id"] for r in range(10)]
+    assert reader.index.column("shard").to_pylist() == [r // 4 for r in range(10)]
+    assert reader.index.column("labels").to_pylist()[3] == fk.sample_row(3)["labels"]
+    assert reader.index.column("scale").to_pylist() == [fk.sample_row(r)["scale"] for r in range(10)]
+    assert reader.verify() == {}
+
+
+def test_commit_checksums_are_sha256_of_stored_rows(spec, fingerprint):
+    writer = CacheWriter.create_or_open(MemoryStore(), spec, fingerprint)
+    commit = writer.write_shard(1, *fk.shard_inputs(spec, 1))
+    want = expected(spec, [4, 5, 6, 7])
+    for name in ARRAY_NAMES:
+        assert commit.checksums[name] == hashlib.sha256(want[name].tobytes()).hexdigest(), name
+    assert [r["row"] for r in commit.rows] == [4, 5, 6, 7]
+
+
+def test_shard_without_commit_record_is_invisible(root, spec, fingerprint, monkeypatch):
+    writer = write_all(root, spec, fingerprint, shards=[0, 2])
+    monkeypatch.setattr(CacheWriter, "_write_commit", lambda self, commit: None)  # arrays written, no commit
+    writer.write_shard(1, *fk.shard_inputs(spec, 1))
+    assert writer.committed() == {0, 2}
+    reader = CacheReader(root)
+    assert reader.index.column("row").to_pylist() == [0, 1, 2, 3, 8, 9]
+    assert reader.tables.shards.column("status").to_pylist() == ["committed", "missing", "committed"]
+    with pytest.raises(KeyError, match="not committed"):
+        reader.read([2, 5])
+
+
+def test_simulated_crash_then_rerun_matches_uninterrupted(tmp_path, spec, fingerprint, monkeypatch):
+    clean = str(tmp_path / "clean")
+    write_all(clean, spec, fingerprint).finalize()
+
+    crashed = str(tmp_path / "crashed")
+    writer = write_all(crashed, spec, fingerprint, shards=[0])
+
+    def crash(self, commit):
+        raise RuntimeError("worker killed")
+    with monkeypatch.context() as m:
+        m.setattr(CacheWriter, "_write_commit", crash)
+        arrays, rows, skipped = fk.shard_inputs(spec, 1)
+        garbage = {k: np.ones_like(v) for k, v in arrays.items()}  # the failed attempt wrote other data
+        with pytest.raises(RuntimeError, match="worker killed"):
+            writer.write_shard(1, garbage, rows, skipped)
+    assert writer.committed() == {0}
+
+    resumed = CacheWriter.create_or_open(crashed, spec, fingerprint)
+    for s in sorted(set(range(spec.n_shards)) - resumed.committed()):
+        resumed.write_shard(s, *fk.shard_inputs(spec, s))
+    resumed.finalize()
+
+    a, b = CacheReader(clean), CacheReader(crashed)
+    assert a.tables.shards.equals(b.tables.shards)  # per-shard checksums and sizes
+    assert a.index.equals(b.index)
+    assert b.verify() == {}
+    assert_reads_equal(b, expected(spec, list(range(10))), list(range(10)))
+    for s in range(spec.n_shards):
+        assert (Path(clean) / commit_key(s)).read_bytes() == (Path(crashed) / commit_key(s)).read_bytes()
+
+
+def test_rewriting_a_shard_is_idempotent(tmp_path, spec, fingerprint):
+    root = tmp_path / "cache"
+    writer = write_all(str(root), spec, fingerprint, shards=[0])
+    files = {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and "zarr.json" not in p.name}
+    again = writer.write_shard(0, *fk.shard_inputs(spec, 0))
+    assert again.to_json() == (root / commit_key(0)).read_bytes()
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and "zarr.json" not in p.name} == files
+    assert writer.committed() == {0}
+
+
+def test_rewrite_replaces_earlier_rows_instead_of_merging(root, spec, fingerprint):
+    writer = write_all(root, spec, fingerprint, shards=[1])
+    writer.write_shard(1, *fk.shard_inputs(spec, 1, skip=frozenset({"img3"})))  # rows 6, 7 now absent
+    reader = CacheReader(root)
+    assert reader.index.column("row").to_pylist() == [4, 5]
+    raw = zarr.open_group(reader.store, mode="r")
+    assert (raw["cam_classes"][6:8] == -1).all() and not raw["valid"][6:8].any()
+    assert not raw["features"][6:8].any()
+    assert reader.verify() == {}
+
+
+def test_skipped_images_are_recorded(root, spec, fingerprint):
+    writer = write_all(root, spec, fingerprint, skip=frozenset({"img3"}))
+    tables = writer.finalize()
+    assert tables.skipped.to_pylist() == [{"image_id": "img3", "reason": "cannot decode", "shard": 1}]
+    assert tables.shards.column("n_samples").to_pylist() == [4, 2, 2]
+    assert tables.shards.column("n_skipped").to_pylist() == [0, 1, 0]
+    reader = CacheReader(root)
+    assert reader.index.column("row").to_pylist() == [0, 1, 2, 3, 4, 5, 8, 9]
+    with pytest.raises(KeyError):
+        reader.read([6])
+    assert_reads_equal(reader, expected(spec, [5, 8]), [5, 8])
+
+
+def test_shard_whose_images_are_all_skipped(spec, fingerprint):
+    writer = CacheWriter.create_or_open(MemoryStore(), spec, fingerprint)
+    commit = writer.write_shard(2, *fk.shard_inputs(spec, 2, skip=frozenset({"img4"})))
+    assert commit.rows == [] and commit.nbytes == {n: 0 for n in ARRAY_NAMES}
+    assert writer.committed() == {2}
+    assert writer.finalize().skipped.column("image_id").to_pylist() == ["img4"]
+
+
+def test_finalize_is_idempotent_and_equal_after_resume(root, spec, fingerprint):
+    one_shot = MemoryStore()
+    want = write_all(one_shot, spec, fingerprint).finalize()
+
+    writer = write_all(root, spec, fingerprint, shards=[2, 0])
+    first = writer.finalize()
+    assert first.index.column("row").to_pylist() == [0, 1, 2, 3, 8, 9]
+    second = writer.finalize()
+    for a, b in zip((first.index, first.shards, first.skipped), (second.index, second.shards, second.skipped)):
+        assert a.equals(b)
+
+    resumed = CacheWriter.create_or_open(root, spec, fingerprint)
+    resumed.write_shard(1, *fk.shard_inputs(spec, 1))
+    # index.parquet is stale now: the reader notices and rebuilds from the commit records
+    assert CacheReader(root).index.equals(want.index)
+    final = resumed.finalize()
+    assert final.index.equals(want.index) and final.shards.equals(want.shards)
+    assert CacheReader(root).tables.shards.equals(want.shards)
+
+
+def test_fingerprint_mismatch_names_the_keys(root, spec, fingerprint):
+    write_all(root, spec, fingerprint, shards=[0])
+    with pytest.raises(FingerprintMismatch) as e:
+        CacheWriter.create_or_open(root, spec, fk.tiny_fingerprint(seed=2, views=3))
+    assert "fingerprint.seed" in str(e.value) and "fingerprint.views" in str(e.value)
+    assert "--out" in str(e.value) and "fingerprint.model" not in str(e.value)
+    with pytest.raises(FingerprintMismatch, match="spec.samples_per_shard"):
+        CacheWriter.create_or_open(root, fk.tiny_spec(samples_per_shard=5), fingerprint)
+    assert CacheWriter.create_or_open(root, spec, fingerprint).committed() == {0}  # same settings resume
+
+
+def test_reader_refuses_what_is_not_a_cache(tmp_path, spec, fingerprint):
+    missing = tmp_path / "nope"
+    with pytest.raises(NotACache, match=str(missing)):
+        CacheReader(str(missing))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(NotACache, match=str(empty)):
+        CacheReader(str(empty))
+    plain = tmp_path / "plain"
+    zarr.create_group(LocalStore(plain)).create_array("x", shape=(2,), dtype="int8")
+    with pytest.raises(NotACache, match="not a weclip feature cache"):
+        CacheReader(str(plain))
+    future = tmp_path / "future"
+    write_all(str(future), spec, fingerprint, shards=[])
+    group = zarr.open_group(LocalStore(future), mode="r+")
+    meta = group.attrs["weclip_cache"]
+    group.attrs["weclip_cache"] = {**meta, "schema_version": 99}
+    with pytest.raises(NotACache, match=r"schema version 99.*") as e:
+        CacheReader(str(future))
+    assert str(future) in str(e.value)
+
+
+def test_writer_refuses_a_foreign_location(tmp_path, spec, fingerprint):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"not ours")
+    with pytest.raises(NotACache, match="holiday.jpg"):
+        CacheWriter.create_or_open(str(foreign), spec, fingerprint)
+    assert (foreign / "holiday.jpg").read_bytes() == b"not ours"
+
+
+def test_interrupted_create_is_completed(tmp_path, spec, fingerprint):
+    root = tmp_path / "cache"
+    group = zarr.create_group(LocalStore(root))  # crash after the first array, before the root attribute
+    group.create_array(**spec.arrays()["features"].zarr_kwargs(spec))
+    writer = write_all(str(root), spec, fingerprint)
+    writer.finalize()
+    assert_reads_equal(CacheReader(str(root)), expected(spec, [0, 9]), [0, 9])
+
+
+def test_verify_detects_changed_data(root, spec, fingerprint):
+    write_all(root, spec, fingerprint).finalize()
+    reader = CacheReader(root)
+    group = zarr.open_group(reader.store if isinstance(root, MemoryStore) else LocalStore(root), mode="r+")
+    group["image"][5, 0, 0, 0] = group["image"][5, 0, 0, 0] ^ 1
+    assert reader.verify() == {1: ["image"]}
+
+
+def test_fsspec_url(spec, fingerprint):
+    url = f"memory://weclip-{uuid.uuid4().hex}"
+    write_all(url, spec, fingerprint).finalize()
+    assert_reads_equal(CacheReader(url), expected(spec, [2, 8]), [2, 8])
+
+
+def test_commit_record_and_files_on_disk(tmp_path, spec, fingerprint):
+    root = tmp_path / "cache"
+    commit = write_all(str(root), spec, fingerprint, shards=[0]).write_shard(0, *fk.shard_inputs(spec, 0))
+    shard_files = {n: root / n / "c" / "0" / "/".join("0" * (len(spec.arrays()[n].shape))) for n in ARRAY_NAMES}
+    assert commit.nbytes == {n: os.path.getsize(p) for n, p in shard_files.items()}
+    assert not list(root.rglob("*.partial"))
+
+
+def test_write_shard_rejects_inputs_outside_the_plan(spec, fingerprint):
+    writer = CacheWriter.create_or_open(MemoryStore(), spec, fingerprint)
+    arrays, rows, skipped = fk.shard_inputs(spec, 0)
+    with pytest.raises(ValueError, match="inside the plan"):
+        writer.write_shard(1, arrays, rows, skipped)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        writer.write_shard(0, {k: v[::-1] for k, v in arrays.items()}, rows[::-1], skipped)
+    with pytest.raises(ValueError, match="exactly"):
+        writer.write_shard(0, {k: v for k, v in arrays.items() if k != "valid"}, rows, skipped)
+    with pytest.raises(TypeError, match="cam_classes"):
+        writer.write_shard(0, {**arrays, "cam_classes": arrays["cam_classes"].astype(np.int64)}, rows, skipped)
+    with pytest.raises(ValueError, match="lacks keys"):
+        writer.write_shard(0, arrays, [{k: v for k, v in r.items() if k != "labels"} for r in rows], skipped)
+    with pytest.raises(IndexError):
+        writer.write_shard(3, *fk.shard_inputs(spec, 2))
+    assert writer.committed() == set()
+
+
+def test_crash_while_rewriting_a_committed_shard_uncommits_it(root, spec, fingerprint, monkeypatch):
+    writer = write_all(root, spec, fingerprint, shards=[0, 1])
+    arrays, rows, skipped = fk.shard_inputs(spec, 0)
+
+    def crash(self, shard_index, positions, stored):
+        raise RuntimeError("killed mid-write")
+    monkeypatch.setattr(CacheWriter, "_write_arrays", crash)
+    with pytest.raises(RuntimeError):
+        writer.write_shard(0, {k: np.zeros_like(v) for k, v in arrays.items()}, rows, skipped)
+    assert writer.committed() == {1}  # the old commit no longer vouches for data that may have changed
+    assert CacheReader(root).index.column("row").to_pylist() == [4, 5, 6, 7]
+
+
+def test_writer_and_reader_pickle(tmp_path, spec, fingerprint):
+    """Ray tasks and DataLoader workers receive these objects pickled."""
+    root = str(tmp_path / "cache")
+    writer = pickle.loads(pickle.dumps(CacheWriter.create_or_open(root, spec, fingerprint)))
+    writer.write_shard(2, *fk.shard_inputs(spec, 2))
+    reader = pickle.loads(pickle.dumps(CacheReader(root)))
+    assert_reads_equal(reader, expected(spec, [9, 8]), [9, 8])
