@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -202,6 +203,18 @@ def block_forward(block: ResidualAttentionBlock, x: torch.Tensor) -> tuple[torch
     return finish_block(block, x, block.ln_1(x))
 
 
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """Silence open_clip's root-logger warnings while building an architecture whose weights we load ourselves."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 class FrozenCLIP(nn.Module):
     """A frozen open_clip CLIP ViT (eval mode, no parameter requires grad) with WeCLIP's image-side forward."""
 
@@ -243,7 +256,8 @@ class FrozenCLIP(nn.Module):
                     f"offline: download the checkpoint elsewhere and pass its local path as `pretrained`."
                 ) from exc
             return cls(model.to(device), name, pretrained, f"{name}:{pretrained}", None, precision)
-        model = open_clip.create_model(name, pretrained=None, device="cpu")
+        with _quiet_open_clip():  # its "initialized randomly" warning is wrong when a local file follows
+            model = open_clip.create_model(name, pretrained=None, device="cpu")
         if pretrained is None:
             return cls(model.to(device), name, None, f"{name}:random:{_weights_digest(model)}", None, precision)
         path = Path(pretrained).expanduser()

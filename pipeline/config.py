@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # 0..255 scale, WeCLIP transforms
@@ -25,6 +26,7 @@ class ModelConfig:
     pretrained: str | None = "openai"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     normalisation: Literal["imagenet", "clip"] = "imagenet"  # WeCLIP code: ImageNet; CLIP-ES: CLIP stats
+    init_seed: int = 0  # torch seed of a random init (pretrained=None): every extract worker builds the same weights
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,9 @@ class ExtractConfig:
     feature_layers: tuple[int, ...] = tuple(range(1, 12))  # 1-based blocks feeding the decoder (code: 1..11)
     # 1-based blocks whose attention is stored: CAA needs the last 8 (5..12), RFM the last 6 (VOC) / 10 (COCO)
     attn_layers: tuple[int, ...] = tuple(range(5, 13))
+    cpus_per_task: float = 1.0  # Ray: CPUs reserved per shard task (torch uses that many threads in it)
+    gpus_per_task: float = 1.0  # Ray: GPUs per shard task when the cluster has GPUs (the task then runs on cuda)
+    max_retries: int = 3  # Ray: re-runs of a shard task whose worker died (idempotent shard writes, DESIGN.md §3.3)
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,26 @@ class EvalConfig:
     crf: bool = False  # released test scripts have CRF commented out; the paper's "w/ CRF" numbers need it
     crf_params: CrfParams = WECLIP_CRF
     clipes_confidence: float = 0.95  # CLIP-ES CGL in code: CRF posterior max < 0.95 -> 255
+    clipes_crf_params: CrfParams = CLIPES_CRF  # DenseCRF of CLIP-ES pseudo masks (eval_cam_with_crf.py, §5.3)
+    # CLIP-ES input statistics (§5.1: CLIP's); "preset" = model.normalisation (the stats the backbone was trained on)
+    clipes_normalisation: Literal["clip", "imagenet", "preset"] = "clip"
+    # image the CLIP-ES bilateral term sees: "rgb" = the RGB uint8 image; "released" = the released script's
+    # mean-subtracted BGR wrapped to uint8 (§0.1 item 12, pipeline/crf.py `clipes_crf_image`), an opt-in quirk
+    clipes_crf_image: Literal["rgb", "released"] = "rgb"
+    workers: int = 2  # DenseCRF worker processes (0 = in the main process)
+    crf_retries: int = 1  # re-runs of an image whose CRF worker raised or died, before the run fails naming it
+    overlay_alpha: float = 0.5  # weight of the label colours in `weclip infer --overlay` images
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """`weclip demo`: the embedded shapes world end to end (DESIGN.md §5). `quick` is the CI-sized run."""
+    train_images: int = 400
+    val_images: int = 100
+    seed: int = 7
+    quick_train_images: int = 24
+    quick_val_images: int = 8
+    quick_iterations: int = 20
 
 
 @dataclass(frozen=True)
@@ -185,12 +210,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "shapes": {
         "dataset": "shapes",
-        "model": {"name": "weclip-tiny", "pretrained": None},
+        # the tiny CLIP trained on this world by stages/toy_clip.py (6 blocks, width 96), shipped with the package
+        "model": {"name": "weclip-tiny",
+                  "pretrained": str(Path(__file__).resolve().parent / "assets" / "weclip-tiny.pt")},
         "text": {"classes": "shapes", "template": "a photo of {}."},  # captions of pipeline/data/shapes.py use it
         "aug": {"crop": 224},
-        "refine": {"rfm_start_iter": 300},
-        "extract": {"views": 2, "samples_per_shard": 32},
+        # 6 blocks instead of 12: CAA averages the last 4 maps (VOC: 8 of 12), RFM the last 3 (VOC: 6 of 12)
+        "refine": {"rfm_start_iter": 300, "static_layers": 4, "rfm_layers": 3},
+        "extract": {"views": 2, "samples_per_shard": 32,
+                    "feature_layers": [1, 2, 3, 4, 5], "attn_layers": [1, 2, 3, 4, 5, 6]},  # blocks 1..n-1 / 1..n
         "train": {"iterations": 600, "checkpoint_every": 200, "workers": 0},
+        "eval": {"clipes_normalisation": "preset"},  # the tiny CLIP was trained on ImageNet-normalised images
     },
 }
 
