@@ -57,6 +57,12 @@ COCO_SYNONYMS = {
 COCO_BACKGROUND = tuple(n for n in VOC_BACKGROUND if n not in ("keyboard", "sign"))
 
 
+# The embedded "shapes" world (pipeline/data/shapes.py draws them; DESIGN.md §5). Prompt names carry the article
+# so that one template serves objects and backgrounds: "a photo of a ball." / "a photo of grass.".
+SHAPES_CLASSES = ("ball", "star", "box", "triangle", "ring", "heart")
+SHAPES_BACKGROUND = ("sky", "grass", "water", "sand", "bricks", "road")
+
+
 @dataclass(frozen=True)
 class ClassSet:
     name: str
@@ -77,6 +83,7 @@ def _with_synonyms(classes: tuple[str, ...], synonyms: dict[str, str]) -> tuple[
 CLASS_SETS: dict[str, ClassSet] = {
     "voc": ClassSet("voc", VOC_CLASSES, _with_synonyms(VOC_CLASSES, VOC_SYNONYMS), VOC_BACKGROUND),
     "coco": ClassSet("coco", COCO_CLASSES, _with_synonyms(COCO_CLASSES, COCO_SYNONYMS), COCO_BACKGROUND),
+    "shapes": ClassSet("shapes", SHAPES_CLASSES, tuple(f"a {c}" for c in SHAPES_CLASSES), SHAPES_BACKGROUND),
 }
 
 

@@ -1,0 +1,146 @@
+"""Quality of the shipped tiny CLIP on a held-out shapes world; prints JSON (DESIGN.md §5).
+
+    .venv/bin/python benchmarks/shapes_quality.py [--count 200] [--seed 2024] [--record pipeline/assets/weclip-tiny.json]
+
+A fresh val set (`count` images, fixed seed, not the training seed) is generated into a temporary folder in the VOC
+layout and read back from its files (JPEG images, PNG masks), as a real dataset is. Reported:
+- `presence_map`: zero-shot presence, per-class AP of the image–prompt cosine over all images, averaged;
+- `miou` (percent, background included, at each image's own size), one entry per method:
+  - `all_bg`: every pixel background (the floor);
+  - `cam`: raw Softmax-Grad-CAM (ALGORITHM.md §4), labels = keys[argmax [(1 − max CAM)^p, CAMs]] (§5.3), p = the
+    preset's `refine.bg_power`;
+  - `caa`: CLIP-ES CAA — `refine_cams` with `static_affinity` of the preset's last `refine.static_layers` maps (§5.2);
+  - `caa_crf`: CAA, then DenseCRF with CLIP-ES's parameters (`CLIPES_CRF`) on the [bg, CAMs] stack with p = 1 (§5.3),
+    on the RGB image, no confidence threshold.
+Image-level labels are the classes of each GT mask (ALGORITHM.md §2.1, WeCLIP's rule). Methods are entries of
+`METHODS` (batch → label maps), so decoder results (`weclip`, `weclip_no_rfm`) can join the same table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.augment import normalise  # noqa: E402
+from pipeline.backbone import FrozenCLIP  # noqa: E402
+from pipeline.cam import CamBatch, softmax_gradcam  # noqa: E402
+from pipeline.config import CLIPES_CRF, Config, preset  # noqa: E402
+from pipeline.crf import crf_labels, dense_crf  # noqa: E402
+from pipeline.data import shapes  # noqa: E402
+from pipeline.data.images import load_mask, load_rgb  # noqa: E402
+from pipeline.metrics import ConfusionMatrix  # noqa: E402
+from pipeline.refine import cam_scores, cams_to_labels, refine_cams, static_affinity, upsample_cams  # noqa: E402
+from pipeline.text import class_set, text_embeddings  # noqa: E402
+from stages.toy_clip import multi_hot, presence_map  # noqa: E402
+
+
+@dataclass
+class Batch:
+    """Images of one size with their GT and CAMs: rgb B×H×W×3 uint8, masks B×H×W, labels (ascending ids)."""
+    rgb: np.ndarray
+    masks: np.ndarray
+    labels: list[list[int]]
+    cams: CamBatch
+
+
+def _all_bg(batch: Batch, cfg: Config) -> np.ndarray:
+    return np.zeros_like(batch.masks)
+
+
+def _raw_cam(batch: Batch, cfg: Config) -> np.ndarray:
+    hi = upsample_cams(batch.cams.cams, batch.masks.shape[1:])
+    return cams_to_labels(hi, batch.cams.cam_classes, cfg.refine.bg_power).numpy()
+
+
+def _caa_hi(batch: Batch, cfg: Config) -> torch.Tensor:
+    affinity = static_affinity(batch.cams.attn, cfg.refine.static_layers)
+    refined = refine_cams(batch.cams.cams, batch.cams.cam_classes, affinity, cfg.refine)
+    return upsample_cams(refined, batch.masks.shape[1:])
+
+
+def _caa(batch: Batch, cfg: Config) -> np.ndarray:
+    return cams_to_labels(_caa_hi(batch, cfg), batch.cams.cam_classes, cfg.refine.bg_power).numpy()
+
+
+def _caa_crf(batch: Batch, cfg: Config) -> np.ndarray:
+    scores, keys = cam_scores(_caa_hi(batch, cfg), batch.cams.cam_classes, bg_power=1.0)  # CLIP-ES CRF: p = 1
+    return np.stack([crf_labels(dense_crf(image, s.numpy(), CLIPES_CRF), k.numpy())
+                     for image, s, k in zip(batch.rgb, scores, keys)])
+
+
+METHODS: dict[str, Callable[[Batch, Config], np.ndarray]] = {
+    "all_bg": _all_bg, "cam": _raw_cam, "caa": _caa, "caa_crf": _caa_crf,
+}
+
+
+def evaluate(cfg: Config, root: Path, ids: list[str], batch_size: int) -> dict:
+    """Presence mAP and per-method mIoU of the configured backbone on the images `ids` under `root`."""
+    names = class_set(cfg.text.classes)
+    backbone = FrozenCLIP.load(cfg.model.name, cfg.model.pretrained, precision=cfg.model.precision)
+    text = text_embeddings(backbone, names, cfg.text.template)
+    matrices = {name: ConfusionMatrix(names.num_classes + 1) for name in METHODS}
+    scores, truth = [], []
+    seconds = dict.fromkeys(METHODS, 0.0)
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        rgb = np.stack([load_rgb(root / "JPEGImages" / f"{i}.jpg") for i in chunk])
+        masks = np.stack([load_mask(root / "SegmentationClass" / f"{i}.png") for i in chunk])
+        labels = [[int(v) - 1 for v in np.unique(m) if v not in (0, 255)] for m in masks]
+        images = normalise(torch.from_numpy(rgb).permute(0, 3, 1, 2), cfg.model.normalisation)
+        scores.append((backbone.encode_image(images) @ text.fg.T).numpy())
+        truth.append(multi_hot(labels, names.num_classes))
+        cams = softmax_gradcam(backbone, images, labels, text, feature_layers=(),
+                               attn_layers=tuple(range(1, backbone.num_blocks + 1)))
+        batch = Batch(rgb, masks, labels, cams)
+        for name, method in METHODS.items():
+            tic = time.perf_counter()
+            matrices[name].update(method(batch, cfg), masks)
+            seconds[name] += time.perf_counter() - tic
+    return {
+        "presence_map": presence_map(np.concatenate(scores), np.concatenate(truth)),
+        "miou": {name: 100 * m.miou() for name, m in matrices.items()},
+        "iou": {name: dict(zip(("background",) + names.classes, (100 * m.iou()).round(2).tolist()))
+                for name, m in matrices.items()},
+        "method_seconds": {name: round(s, 2) for name, s in seconds.items()},
+    }
+
+
+def main() -> None:
+    cfg = preset("shapes")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=2024, help="val world seed (the tiny CLIP trains on seed 0)")
+    parser.add_argument("--size", type=int, default=cfg.aug.crop)
+    parser.add_argument("--checkpoint", default=cfg.model.pretrained, help="default: the shipped tiny CLIP")
+    parser.add_argument("--static-layers", type=int, default=cfg.refine.static_layers)
+    parser.add_argument("--batch-size", type=int, default=25)
+    parser.add_argument("--record", type=Path, help="also store the result under 'quality' in this JSON file")
+    args = parser.parse_args()
+    cfg = cfg.replace(model={"pretrained": args.checkpoint}, refine={"static_layers": args.static_layers})
+    torch.set_num_threads(2)
+    tic = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        ids = shapes.generate(tmp, "val", args.count, args.seed, args.size, cfg.text.template)
+        result = evaluate(cfg, Path(tmp), ids, args.batch_size)
+    result = {"images": args.count, "seed": args.seed, "size": args.size, "model": cfg.model.name,
+              "checkpoint": str(cfg.model.pretrained), "static_layers": cfg.refine.static_layers,
+              "bg_power": cfg.refine.bg_power, **result, "seconds": round(time.time() - tic, 1)}
+    print(json.dumps(result, indent=2))
+    if args.record:
+        record = json.loads(args.record.read_text())
+        record["quality"] = result
+        args.record.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
