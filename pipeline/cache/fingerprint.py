@@ -82,13 +82,14 @@ def checkpoint_identity(pretrained: str | None) -> str:
 
 
 def fingerprint_from_config(cfg: Config, *, grid: tuple[int, int], prompts: Sequence[str],
-                            class_names: Sequence[str], manifest: Sequence[tuple[str, Sequence[int]]]
-                            ) -> dict[str, Any]:
+                            class_names: Sequence[str], manifest: Sequence[tuple[str, Sequence[int]]],
+                            checkpoint: str | None = None) -> dict[str, Any]:
     """The fingerprint of an extract run: `prompts` = every prompt string the CAMs use, in order;
-    `manifest` = (image_id, labels) per image, in plan order."""
+    `manifest` = (image_id, labels) per image, in plan order; `checkpoint` = the loaded backbone's identity
+    (`FrozenCLIP.identity`, which tells random initialisations apart), default `checkpoint_identity(pretrained)`."""
     return make_fingerprint(
         model=cfg.model.name,
-        checkpoint=checkpoint_identity(cfg.model.pretrained),
+        checkpoint=checkpoint if checkpoint is not None else checkpoint_identity(cfg.model.pretrained),
         precision=cfg.model.precision,
         input_size=cfg.aug.crop,
         grid=grid,

@@ -1,0 +1,182 @@
+"""Stage `extract`: run the frozen CLIP once per planned training view and store the feature cache (DESIGN.md §3).
+
+The driver reads the manifest, builds the plan (pipeline/extract_worker.py), loads the backbone once to learn its
+identity and shapes, fingerprints the run, creates (or reopens, to resume) the cache, and then runs every shard
+that has no commit record yet — in this process (`executor="inline"`) or as Ray tasks (`executor="ray"`). Each Ray
+worker process loads the model once and reuses it for all its shards; a task whose worker dies is retried
+(`extract.max_retries`), which is safe because shard writes are idempotent and committed last (DESIGN.md §3.3).
+Finally the Parquet index is rebuilt from the commit records.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+from tqdm import tqdm
+
+from pipeline.cache.store import CacheWriter
+from pipeline.config import Config
+from pipeline.data.manifest import read_manifest
+from pipeline.extract_worker import (ExtractJob, ShardOutcome, ShardTask, cache_layout, load_backbone, make_plan,
+                                     run_shard)
+from pipeline.text import class_set
+
+Executor = Literal["ray", "inline"]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Never shipped to a remote Ray cluster with the project code.
+_RAY_EXCLUDES = [".venv/", ".git/", "tests/", "benchmarks/results/", "**/__pycache__/", "*.parquet", "*.zarr/"]
+
+
+@dataclass(frozen=True)
+class ExtractSummary:
+    out: str
+    fingerprint: str  # the cache fingerprint's digest
+    executor: str
+    device: str
+    images: int  # planned images
+    views_planned: int
+    views_written: int  # by this run
+    views_skipped: int  # by this run: planned views of images that could not be decoded
+    views_in_cache: int  # committed samples after this run (resumed ones included)
+    skipped: list[dict[str, Any]]  # the cache's skipped images: image_id, reason, shard (an image per shard it spans)
+    shards: int
+    shards_written: int  # by this run
+    shards_resumed: int  # already committed when the run started
+    seconds: float  # whole run, Ray start and model load included
+    extract_seconds: float  # the shard phase only
+    bytes_per_view: float  # on disk, committed shards, all arrays
+    raw_bytes_per_view: int  # decoded, all arrays
+
+    @property
+    def views_per_s(self) -> float:
+        return self.views_written / self.extract_seconds if self.extract_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "views_per_s": self.views_per_s}
+
+    def format(self) -> str:
+        lines = [
+            f"feature cache {self.out} (fingerprint {self.fingerprint[:16]})",
+            f"  plan: {self.views_planned} views of {self.images} images in {self.shards} shards",
+            f"  this run: {self.views_written} views written, {self.views_skipped} skipped, {self.shards_written} "
+            f"shards ({self.shards_resumed} already committed), executor {self.executor} on {self.device}",
+            f"  {self.seconds:.1f} s in all, {self.extract_seconds:.1f} s extracting, {self.views_per_s:.2f} views/s",
+            f"  cache: {self.views_in_cache} views, {self.bytes_per_view / 1e6:.3f} MB/view on disk "
+            f"({self.raw_bytes_per_view / 1e6:.3f} MB raw)",
+            f"  skipped images: {len({s['image_id'] for s in self.skipped})}",
+        ]
+        lines += [f"    {s['image_id']}: {s['reason']} (shard {s['shard']})" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Executor = "ray",
+        ray_address: str | None = None, limit: int | None = None, progress: bool = True,
+        model_configs: Sequence[str | Path] = ()) -> ExtractSummary:
+    """Extract the feature cache of a manifest into `out` (a local folder or an fsspec URL); resume if it exists.
+
+    executor: "ray" (a local Ray sized to this machine, or the cluster at `ray_address`) or "inline" (this process).
+    limit: only the first `limit` images of the manifest (a different plan, so a different cache).
+    model_configs: extra open_clip model config JSONs to register in the driver and every worker.
+    Raises FingerprintMismatch when `out` holds a cache made with other settings.
+    """
+    if executor not in ("ray", "inline"):
+        raise ValueError(f"executor must be 'ray' or 'inline', got {executor!r}")
+    started = time.perf_counter()
+    manifest = read_manifest(manifest_path)
+    classes = class_set(cfg.text.classes)
+    if manifest.class_names != classes.classes:
+        raise ValueError(f"manifest {manifest_path} has the classes of dataset {manifest.dataset!r}, not those of "
+                         f"text class set {cfg.text.classes!r}; use the matching preset (--preset {manifest.dataset})")
+    plan = make_plan(manifest, cfg.extract, limit)
+    configs = tuple(str(Path(p).resolve()) for p in model_configs)
+    device = "cuda" if executor == "inline" and torch.cuda.is_available() else "cpu"
+    backbone = load_backbone(cfg.model, device, configs)
+    fingerprint, spec = cache_layout(cfg, plan, backbone)
+    root = _cache_root(out)
+    writer = CacheWriter.create_or_open(root, spec, fingerprint)  # once, before any worker (DESIGN.md §3.3)
+    committed = writer.committed()
+    tasks = [plan.task(s) for s in range(plan.n_shards) if s not in committed]
+    job = ExtractJob(cfg=cfg, out=root, spec=spec, fingerprint=fingerprint, model_configs=configs, device=device)
+    bar = tqdm(total=sum(len(t.samples) for t in tasks), unit="view", desc="extract", disable=not progress)
+    extract_start = time.perf_counter()
+    outcomes: list[ShardOutcome] = []
+
+    def done(outcome: ShardOutcome) -> None:
+        outcomes.append(outcome)
+        bar.update(outcome.samples + outcome.skipped_views)
+
+    with bar:
+        if executor == "inline":
+            for task in tasks:
+                done(run_shard(job, task))
+        else:
+            job = _run_ray(job, tasks, ray_address, done)
+    extract_seconds = time.perf_counter() - extract_start
+    tables = writer.finalize()
+    shards = tables.shards.to_pylist()
+    views_in_cache = tables.index.num_rows
+    return ExtractSummary(
+        out=root, fingerprint=fingerprint["digest"], executor=executor, device=job.device, images=len(plan.images),
+        views_planned=plan.total_samples, views_written=sum(o.samples for o in outcomes),
+        views_skipped=sum(o.skipped_views for o in outcomes), views_in_cache=views_in_cache,
+        skipped=tables.skipped.select(["image_id", "reason", "shard"]).to_pylist(), shards=plan.n_shards,
+        shards_written=len(outcomes), shards_resumed=len(committed), seconds=time.perf_counter() - started,
+        extract_seconds=extract_seconds, bytes_per_view=sum(s["bytes"] for s in shards) / max(views_in_cache, 1),
+        raw_bytes_per_view=sum(a.sample_nbytes for a in spec.arrays().values()))
+
+
+def _cache_root(out: str | Path) -> str:
+    """An fsspec URL as given; a local path made absolute (workers may have another working directory)."""
+    text = str(out)
+    if "://" in text and not text.startswith("file://"):
+        return text
+    return str(Path(text.removeprefix("file://")).resolve())
+
+
+def _run_ray(job: ExtractJob, tasks: Sequence[ShardTask], address: str | None,
+             done: Callable[[ShardOutcome], None]) -> ExtractJob:
+    """Run the shard tasks as Ray tasks; returns the job as the workers ran it (device set)."""
+    import ray
+
+    own = not ray.is_initialized()
+    if own:
+        ray.init(**ray_init_kwargs(address))
+    try:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= job.cfg.extract.gpus_per_task > 0
+        job = replace(job, device="cuda" if use_gpu else "cpu")
+        remote = ray.remote(run_shard).options(num_cpus=job.cfg.extract.cpus_per_task,
+                                             num_gpus=job.cfg.extract.gpus_per_task if use_gpu else 0,
+                                             max_retries=job.cfg.extract.max_retries)
+        job_ref = ray.put(job)
+        running = {remote.remote(job_ref, task): task.shard for task in tasks}
+        while running:
+            ready, _ = ray.wait(list(running), num_returns=1)
+            shard = running.pop(ready[0])
+            try:
+                done(ray.get(ready[0]))
+            except Exception as err:
+                raise RuntimeError(f"extract shard {shard} of {job.out} failed: {err}\nCommitted shards are kept; "
+                                   "fix the cause and rerun the same command to resume") from err
+    finally:
+        if own:
+            ray.shutdown()
+    return job
+
+
+def ray_init_kwargs(address: str | None) -> dict[str, Any]:
+    """A quiet local Ray sized to this machine, or a connection to the cluster at `address`.
+
+    Workers import `pipeline` and `stages`: locally through PYTHONPATH (same files), on a cluster by shipping the
+    project folder as the job's working_dir.
+    """
+    quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
+    if address is None:
+        path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
+        return {"num_cpus": os.cpu_count(), "include_dashboard": False,
+                "runtime_env": {"env_vars": {"PYTHONPATH": path}}, **quiet}
+    return {"address": address, "runtime_env": {"working_dir": str(PROJECT_ROOT), "excludes": _RAY_EXCLUDES}, **quiet}
