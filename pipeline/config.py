@@ -210,16 +210,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "shapes": {
         "dataset": "shapes",
-        # the tiny CLIP trained on this world by stages/toy_clip.py (6 blocks, width 96), shipped with the package
+        # the tiny CLIP trained on this world by stages/toy_clip.py (3 blocks, width 96), shipped with the package
         "model": {"name": "weclip-tiny",
                   "pretrained": str(Path(__file__).resolve().parent / "assets" / "weclip-tiny.pt")},
         "text": {"classes": "shapes", "template": "a photo of {}."},  # captions of pipeline/data/shapes.py use it
         "aug": {"crop": 224},
-        # 6 blocks instead of 12: CAA averages the last 4 maps (VOC: 8 of 12), RFM the last 3 (VOC: 6 of 12)
-        "refine": {"rfm_start_iter": 300, "static_layers": 4, "rfm_layers": 3},
+        # 3 blocks instead of 12: CAA averages the last 2 maps (VOC: 8 of 12), RFM chooses among the last 2 (VOC: 6)
+        "refine": {"rfm_start_iter": 300, "static_layers": 2, "rfm_layers": 2},
         "extract": {"views": 2, "samples_per_shard": 32,
-                    "feature_layers": [1, 2, 3, 4, 5], "attn_layers": [1, 2, 3, 4, 5, 6]},  # blocks 1..n-1 / 1..n
-        "train": {"iterations": 600, "checkpoint_every": 200, "workers": 0},
+                    "feature_layers": [1, 2], "attn_layers": [1, 2, 3]},  # blocks 1..n-1 (decoder) / 1..n (CAA, RFM)
+        "train": {"iterations": 300, "checkpoint_every": 100, "workers": 0},
         "eval": {"clipes_normalisation": "preset"},  # the tiny CLIP was trained on ImageNet-normalised images
     },
 }

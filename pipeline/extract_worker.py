@@ -24,11 +24,10 @@ from pipeline.cache.schema import CacheSpec
 from pipeline.cache.store import CacheWriter
 from pipeline.cam import softmax_gradcam
 from pipeline.config import Config, ExtractConfig, ModelConfig
-from pipeline.data.images import ImageDecodeError, load_rgb
+from pipeline.data.images import ImageDecodeError, load_manifest_rgb
 from pipeline.data.manifest import Manifest
 from pipeline.text import TextEmbeddings, class_set, prompts, text_embeddings
 
-SIZE_MISMATCH = "image_size_mismatch"  # skip reason: the file no longer has the manifest's height × width
 
 
 @dataclass(frozen=True)
@@ -197,16 +196,9 @@ def decode_images(task: ShardTask) -> tuple[dict[str, np.ndarray], list[dict[str
     decoded, skipped = {}, []
     for image in dict.fromkeys(s.image for s in task.samples):
         try:
-            rgb = load_rgb(image.path)
-        except ImageDecodeError as err:
+            decoded[image.image_id] = load_manifest_rgb(image.path, image.height, image.width)
+        except ImageDecodeError as err:  # reasons: image_missing, image_corrupt, ..., image_size_mismatch
             skipped.append({"image_id": image.image_id, "reason": f"image_{err.reason}", "detail": str(err)})
-            continue
-        if rgb.shape[:2] != (image.height, image.width):
-            skipped.append({"image_id": image.image_id, "reason": SIZE_MISMATCH,
-                            "detail": f"{image.path}: {rgb.shape[0]}x{rgb.shape[1]} (HxW), the manifest says "
-                                      f"{image.height}x{image.width}; rebuild the manifest"})
-            continue
-        decoded[image.image_id] = rgb
     return decoded, skipped
 
 

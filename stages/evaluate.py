@@ -35,7 +35,7 @@ from pipeline.cache import fingerprint as fp
 from pipeline.checkpoint import Checkpoint, build_decoder_from_checkpoint, load_checkpoint
 from pipeline.config import CrfParams, EvalConfig
 from pipeline.crf import crf_labels, dense_crf
-from pipeline.data.images import ImageDecodeError, load_mask, load_rgb
+from pipeline.data.images import ImageDecodeError, load_manifest_rgb, load_mask
 from pipeline.data.manifest import Manifest, ManifestRow, read_manifest
 from pipeline.decoder import WeCLIPDecoder
 from pipeline.extract_worker import load_backbone
@@ -292,14 +292,10 @@ def read_rgb(manifest: Manifest, row: ManifestRow) -> np.ndarray:
     """A manifest image, which must still decode at the manifest's size (errors name the image)."""
     path = manifest.image_abspath(row)
     try:
-        rgb = load_rgb(path)
+        return load_manifest_rgb(path, row.height, row.width)
     except ImageDecodeError as err:
-        raise EvalError(f"image {row.image_id} ({path}) cannot be decoded: {err}. Every manifest image is "
+        raise EvalError(f"image {row.image_id} ({path}) cannot be used: {err}. Every manifest image is "
                         "counted; fix the file or rebuild the manifest") from err
-    if rgb.shape[:2] != (row.height, row.width):
-        raise EvalError(f"image {row.image_id} ({path}) is {rgb.shape[0]}x{rgb.shape[1]} but the manifest says "
-                        f"{row.height}x{row.width}; rebuild the manifest")
-    return rgb
 
 
 def read_gt(manifest: Manifest, row: ManifestRow) -> np.ndarray:

@@ -42,7 +42,7 @@ from pipeline.cache.store import CacheReader
 from pipeline.cam import softmax_gradcam
 from pipeline.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from pipeline.config import Config
-from pipeline.data.images import ImageDecodeError, load_rgb
+from pipeline.data.images import ImageDecodeError, load_manifest_rgb
 from pipeline.data.manifest import read_manifest
 from pipeline.decoder import WeCLIPDecoder
 from pipeline.extract_worker import (ExtractPlan, PlannedImage, all_prompts, check_layers, crop_grid, load_backbone,
@@ -152,13 +152,10 @@ class OnlineCrops(Dataset):
         crops, valid = [], []
         for image in (self.images[p] for p in positions):
             try:
-                rgb = load_rgb(image.path)
+                rgb = load_manifest_rgb(image.path, image.height, image.width)
             except ImageDecodeError as err:
                 raise TrainError(f"online training cannot read image {image.image_id}: {err}; fix the file or "
                                  "rebuild the manifest") from err
-            if rgb.shape[:2] != (image.height, image.width):
-                raise TrainError(f"{image.path} is {rgb.shape[0]}x{rgb.shape[1]} but the manifest says "
-                                 f"{image.height}x{image.width}; rebuild the manifest")
             view = draw_view(self.cfg.extract.seed, image.image_id, epoch, image.height, image.width, self.cfg.aug)
             crops.append(apply_view(rgb, view).transpose(2, 0, 1))
             valid.append(valid_mask(view))

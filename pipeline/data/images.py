@@ -77,6 +77,16 @@ def load_rgb(path: str | Path) -> np.ndarray:
         return np.array(to_rgb(im), dtype=np.uint8)
 
 
+def load_manifest_rgb(path: str | Path, height: int, width: int) -> np.ndarray:
+    """`load_rgb` of an image a manifest recorded as height × width. A file that changed size since the manifest
+    was built raises ImageDecodeError with reason `size_mismatch` (its message says to rebuild the manifest)."""
+    rgb = load_rgb(path)
+    if rgb.shape[:2] != (height, width):
+        raise ImageDecodeError(Path(path), "size_mismatch", f"{rgb.shape[0]}x{rgb.shape[1]} (HxW), the manifest "
+                               f"says {height}x{width}; rebuild the manifest")
+    return rgb
+
+
 def load_mask(path: str | Path) -> np.ndarray:
     """Decode a single-channel index PNG (mode P or L) to an H×W uint8 array of class indices.
 
