@@ -29,7 +29,6 @@ from pipeline.data.manifest import Manifest
 from pipeline.text import TextEmbeddings, class_set, prompts, text_embeddings
 
 
-
 @dataclass(frozen=True)
 class PlannedImage:
     """One manifest image as the plan sees it. `path` is absolute (workers may run elsewhere)."""

@@ -68,7 +68,7 @@ def test_unreadable_images_are_recorded_skips(broken_dataset):
     assert rows == [r for r in range(14) if r // 2 not in (2, 4, 5)]
 
 
-@pytest.mark.parametrize("point", ["after_some_arrays", "before_commit"])
+@pytest.mark.parametrize("point", ["after_some_arrays", pytest.param("before_commit", marks=pytest.mark.slow)])
 def test_sigkill_inside_a_shard_then_resume_equals_uninterrupted_run(broken_dataset, tmp_path, point):
     manifest, reference = broken_dataset
     out = tmp_path / "cache"
