@@ -74,7 +74,7 @@ def run(workdir: str | Path = "runs/demo", quick: bool = False, executor: str = 
     with_crf = evaluate.run(checkpoint, val_manifest, workdir / "eval_crf", crf=True, progress=progress)
     clipes = pseudo.run(val_manifest, workdir / "pseudo_clipes", cfg, source="clip-es", progress=progress)
     rows = [
-        ("CLIP-ES pseudo masks (Softmax-Grad-CAM + CAA + CRF)", _percent(clipes.miou)),
+        ("CLIP-ES pseudo masks (Softmax-Grad-CAM + CAA + CRF)", _percent(clipes.miou)),  # confident pixels only
         ("WeCLIP decoder (msc + flip)", _percent(plain.miou)),
         ("WeCLIP decoder (msc + flip) + DenseCRF", _percent(with_crf.miou)),
     ]
