@@ -1,6 +1,6 @@
 """Quality of the shipped tiny CLIP on a held-out shapes world; prints JSON (DESIGN.md §5).
 
-    .venv/bin/python benchmarks/shapes_quality.py [--count 200] [--seed 2024] [--record pipeline/assets/weclip-tiny.json]
+    .venv/bin/python benchmarks/shapes_quality.py [--count 200] [--seed 2024] [--record RECORD_JSON]
 
 A fresh val set (`count` images, fixed seed, not the training seed) is generated into a temporary folder in the VOC
 layout and read back from its files (JPEG images, PNG masks), as a real dataset is. Reported:
@@ -9,7 +9,7 @@ layout and read back from its files (JPEG images, PNG masks), as a real dataset 
   - `all_bg`: every pixel background (the floor);
   - `cam`: raw Softmax-Grad-CAM (ALGORITHM.md §4), labels = keys[argmax [(1 − max CAM)^p, CAMs]] (§5.3), p = the
     preset's `refine.bg_power`;
-  - `caa`: CLIP-ES CAA — `refine_cams` with `static_affinity` of the preset's last `refine.static_layers` maps (§5.2);
+  - `caa`: CLIP-ES CAA, `refine_cams` with `static_affinity` of the preset's last `refine.static_layers` maps (§5.2);
   - `caa_crf`: CAA, then DenseCRF with CLIP-ES's parameters (`CLIPES_CRF`) on the [bg, CAMs] stack with p = 1 (§5.3),
     on the RGB image, no confidence threshold.
 Image-level labels are the classes of each GT mask (ALGORITHM.md §2.1, WeCLIP's rule). Methods are entries of
@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.augment import normalise  # noqa: E402
-from pipeline.backbone import FrozenCLIP  # noqa: E402
+from pipeline.backbone import FrozenCLIP, sha256_file  # noqa: E402
 from pipeline.cam import CamBatch, softmax_gradcam  # noqa: E402
 from pipeline.config import CLIPES_CRF, Config, preset  # noqa: E402
 from pipeline.crf import crf_labels, dense_crf  # noqa: E402
@@ -133,11 +133,15 @@ def main() -> None:
         ids = shapes.generate(tmp, "val", args.count, args.seed, args.size, cfg.text.template)
         result = evaluate(cfg, Path(tmp), ids, args.batch_size)
     result = {"images": args.count, "seed": args.seed, "size": args.size, "model": cfg.model.name,
-              "checkpoint": str(cfg.model.pretrained), "static_layers": cfg.refine.static_layers,
+              "checkpoint": str(cfg.model.pretrained), "sha256": sha256_file(Path(cfg.model.pretrained)),
+              "static_layers": cfg.refine.static_layers,
               "bg_power": cfg.refine.bg_power, **result, "seconds": round(time.time() - tic, 1)}
     print(json.dumps(result, indent=2))
     if args.record:
         record = json.loads(args.record.read_text())
+        if record.get("sha256") != result["sha256"]:
+            raise SystemExit(f"{args.record} describes another checkpoint (sha256 {record.get('sha256')}); "
+                             f"record only the figures of the checkpoint it describes")
         record["quality"] = result
         args.record.write_text(json.dumps(record, indent=2) + "\n")
 

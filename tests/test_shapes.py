@@ -73,7 +73,7 @@ def test_every_mask_pixel_has_its_objects_colour(samples):
 def _expected_area(obj: shapes.ShapeObject) -> float | None:
     """Area of the simple shapes from geometry alone (circumradius r)."""
     r = obj.radius
-    return {"ball": math.pi * r * r, "ring": math.pi * r * r * (1 - 0.55 ** 2), "box": 2 * r * r,
+    return {"ball": math.pi * r * r, "ring": math.pi * r * r * (1 - shapes.RING_INNER ** 2), "box": 2 * r * r,
             "triangle": 3 * math.sqrt(3) / 4 * r * r}.get(SHAPES_CLASSES[obj.class_id])
 
 

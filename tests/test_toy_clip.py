@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.backbone import MODEL_CONFIG_DIR, FrozenCLIP, register_model_configs
+from pipeline.backbone import MODEL_CONFIG_DIR, FrozenCLIP, register_model_configs, sha256_file
 from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, preset
 from pipeline.data import shapes
 from pipeline.text import class_set, prompts
@@ -144,10 +144,11 @@ def test_training_resumes_bit_for_bit(tmp_path):
 
 
 def test_shipped_checkpoint_is_small_loads_by_path_and_recognises_shapes():
-    assert CHECKPOINT.is_file(), f"{CHECKPOINT} missing: rebuild it with the command in {CHECKPOINT.with_suffix('.json')}"
+    assert CHECKPOINT.is_file(), f"{CHECKPOINT} missing: rebuild it with the command in its .json"
     assert CHECKPOINT.stat().st_size <= toy_clip.MAX_CHECKPOINT_BYTES
     record = json.loads(CHECKPOINT.with_suffix(".json").read_text())
     assert record["command"].startswith(".venv/bin/python -m stages.toy_clip")
+    assert record["sha256"] == sha256_file(CHECKPOINT), "the record describes another checkpoint"
     register_model_configs()
     model = open_clip.create_model("weclip-tiny", pretrained=str(CHECKPOINT)).eval()
     backbone = FrozenCLIP.load("weclip-tiny", str(CHECKPOINT))
@@ -162,3 +163,17 @@ def test_shipped_checkpoint_is_small_loads_by_path_and_recognises_shapes():
     text = backbone.encode_text(prompts(class_set("shapes").prompt_names, template))
     frozen_scores = (backbone.encode_image(toy_clip.normalise(images)) @ text.T).numpy()
     assert toy_clip.presence_map(frozen_scores, truth) == pytest.approx(score, abs=1e-3)
+
+
+def test_quality_benchmark_runs_on_the_shipped_checkpoint(tmp_path):
+    """benchmarks/shapes_quality.py end to end on a few images: every method scored, CAMs beat all-background."""
+    import sys
+    sys.path.insert(0, str(TESTS.parent / "benchmarks"))
+    import shapes_quality
+
+    cfg = preset("shapes")
+    ids = shapes.generate(tmp_path, "val", 6, seed=2024, size=224, template=cfg.text.template)
+    result = shapes_quality.evaluate(cfg, tmp_path, ids, batch_size=6)
+    assert set(result["miou"]) == {"all_bg", "cam", "caa", "caa_crf"}
+    assert 0.5 < result["presence_map"] <= 1
+    assert result["miou"]["cam"] > result["miou"]["all_bg"] + 10

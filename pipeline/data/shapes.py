@@ -33,6 +33,8 @@ OBJECT_COUNT_PROBS = (0.45, 0.35, 0.20)  # 1, 2 or 3 objects
 RADIUS_RANGE = (0.09, 0.24)  # object circumradius as a fraction of the image side (20–54 px at 224)
 MIN_VISIBLE = 0.45  # an object must keep this fraction of its pixels after occlusion, else it is re-placed
 MAX_PLACEMENT_TRIES = 30
+STAR_INNER = 0.45  # star: inner / outer radius
+RING_INNER = 0.55  # ring: hole radius / outer radius
 
 # Object appearance per class id (order of SHAPES_CLASSES): base RGB colour and fill texture.
 _OBJECT_COLOURS = (
@@ -169,7 +171,7 @@ def _regular(n: int, start: float = -math.pi / 2) -> np.ndarray:
 
 
 def _star() -> np.ndarray:
-    outer, inner = _regular(5), _regular(5, -math.pi / 2 + math.pi / 5) * 0.45
+    outer, inner = _regular(5), _regular(5, -math.pi / 2 + math.pi / 5) * STAR_INNER
     return np.stack([outer, inner], axis=1).reshape(10, 2)
 
 
@@ -190,7 +192,7 @@ def _object_mask(obj: ShapeObject, size: int) -> np.ndarray:
         y, x = _coords(size)
         r2 = (x - obj.cx) ** 2 + (y - obj.cy) ** 2
         inside = r2 <= obj.radius ** 2
-        return inside & (r2 >= (0.55 * obj.radius) ** 2) if name == "ring" else inside
+        return inside & (r2 >= (RING_INNER * obj.radius) ** 2) if name == "ring" else inside
     canvas = Image.new("L", (size, size), 0)
     ImageDraw.Draw(canvas).polygon(_polygon(obj, _UNIT_POLYGONS[name]), fill=1)
     return np.asarray(canvas, dtype=bool)
