@@ -125,6 +125,7 @@ class TrainConfig:
     checkpoint_every: int = 2000
     workers: int = 2
     train_flip: bool = False  # extra h-flip at train time, applied consistently to every cached array
+    views: int | None = None  # train on views 0..views-1 of each cached image (None: all the cache holds)
 
 
 @dataclass(frozen=True)

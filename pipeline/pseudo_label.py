@@ -35,13 +35,13 @@ def rfm_active(step: int, refine: RefineConfig) -> bool:
 
 
 @torch.no_grad()
-def online_pseudo_label(cams: torch.Tensor, cam_classes: torch.Tensor, attn: torch.Tensor, a_f: torch.Tensor,
+def online_pseudo_label(cams: torch.Tensor, cam_classes: torch.Tensor, attn: torch.Tensor, a_f: torch.Tensor | None,
                         image_norm: torch.Tensor, *, use_rfm: bool, refine: RefineConfig, par: PAR) -> torch.Tensor:
     """Pseudo labels B×H×W int64 (0 = background, class_id + 1) for a batch (see the module docstring).
 
     cams: B×K×h×w Grad-CAMs in [0, 1]; cam_classes: B×K class id per slot (−1 = empty); attn: B×L×N×N
     head-averaged patch attention of the stored blocks in order (the last is the backbone's last block,
-    CLS dropped, N = h·w); a_f: B×N×N decoder affinity (used detached, only when `use_rfm`); image_norm:
+    CLS dropped, N = h·w); a_f: B×N×N decoder affinity (used detached; needed only when `use_rfm`); image_norm:
     B×3×H×W the normalised network input, which sets the output size and guides PAR. Runs without grad.
     """
     b, k, h, w = cams.shape
@@ -52,6 +52,8 @@ def online_pseudo_label(cams: torch.Tensor, cam_classes: torch.Tensor, attn: tor
     if image_norm.dim() != 4 or image_norm.shape[:2] != (b, 3):
         raise ValueError(f"image_norm must be B×3×H×W with B = {b}, got {tuple(image_norm.shape)}")
     if use_rfm:
+        if a_f is None:
+            raise ValueError("RFM (use_rfm=True) needs the decoder affinity a_f")
         affinity = rfm_affinity(attn, a_f.detach(), refine.rfm_layers, refine.rfm_filter)
     else:
         affinity = static_affinity(attn, refine.static_layers)

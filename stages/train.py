@@ -11,7 +11,9 @@ Sources of (features, attn, cams, image) for a step:
 * cache (default): the committed samples of a feature cache. Every epoch visits them all in a new order,
   a permutation drawn from (train.seed, epoch); `drop_last` as the released loader (§7.3). With `train.train_flip`
   each sample is h-flipped with probability `aug.flip_prob`, decided from (train.seed, step, row), consistently in
-  every array (patch indices of features and attention are permuted, not just reversed).
+  every array (patch indices of features and attention are permuted, not just reversed). `train.views = k` trains
+  on views 0..k-1 of each image only — the batches a k-view cache of the same images would give — so one cache
+  serves a views-per-image ablation.
 * online (`online_manifest`): the released code's way — the frozen backbone and `softmax_gradcam` run in the loop on
   a fresh crop of every image each epoch: view `epoch` of the image, drawn from (extract.seed, image_id, view) exactly
   as `weclip extract` draws its views, so epoch 0 of an online run sees the crops of a 1-view cache. Images are
@@ -194,10 +196,7 @@ class Source:
 class CachedSource(Source):
     def __init__(self, cfg: Config, cache_path: str | Path, device: torch.device):
         reader = CacheReader(str(cache_path))  # NotACache names the path when it is not a cache
-        rows = np.sort(reader.index.column("row").to_numpy()) if reader.index.num_rows else np.zeros(0, np.int64)
-        if not len(rows):
-            raise TrainError(f"the feature cache at {cache_path} has no committed samples; run `weclip extract` "
-                             "to completion (it resumes) before training")
+        rows = _training_rows(reader, cfg.train.views, cache_path)
         class_names = _check_cache_matches_config(cfg, reader.fingerprint, cache_path)
         spec = reader.spec
         super().__init__("cache", reader.fingerprint, class_names, spec.feature_layers, spec.dim, spec.grid, len(rows))
@@ -222,6 +221,9 @@ class CachedSource(Source):
 class OnlineSource(Source):
     def __init__(self, cfg: Config, manifest_path: str | Path, device: torch.device,
                  model_configs: Sequence[str | Path] = ()):
+        if cfg.train.views is not None:
+            raise TrainError(f"train.views = {cfg.train.views} selects views of a feature cache; online training "
+                             "draws a fresh view every epoch. Leave train.views unset with --online")
         manifest = read_manifest(manifest_path)
         classes = class_set(cfg.text.classes)
         if manifest.class_names != classes.classes:
@@ -249,6 +251,26 @@ class OnlineSource(Source):
                                self.cfg.extract.attn_layers, k_max=self.plan.k_max)
         return StepBatch(features=cams.features, attn=cams.attn, cams=cams.cams, cam_classes=cams.cam_classes,
                          image=image, valid=torch.as_tensor(item["valid"]).to(self.device), grid=cams.grid)
+
+
+def _training_rows(reader: CacheReader, views: int | None, cache_path: str | Path) -> np.ndarray:
+    """The sorted committed rows the run trains on: all, or those of views 0..views-1 (`train.views`).
+
+    Rows are numbered image-major (row = image · extract.views + view), so the rows of the first k views of a
+    cache, in order, visit the images exactly as a k-view cache of the same images does: a run with
+    train.views = k gets the batches of a run on that k-view cache."""
+    index = reader.index
+    if not index.num_rows:
+        raise TrainError(f"the feature cache at {cache_path} has no committed samples; run `weclip extract` "
+                         "to completion (it resumes) before training")
+    rows, view = index.column("row").to_numpy(), index.column("view").to_numpy()
+    if views is not None:
+        stored = int(reader.fingerprint["views"])
+        if not 1 <= views <= stored:
+            raise TrainError(f"train.views = {views}, but the feature cache at {cache_path} holds {stored} views "
+                             f"per image; choose 1..{stored} (or leave train.views unset to use them all)")
+        rows = rows[view < views]
+    return np.sort(rows)
 
 
 def _check_cache_matches_config(cfg: Config, fingerprint: dict[str, Any], cache_path: str | Path) -> tuple[str, ...]:

@@ -113,3 +113,12 @@ def test_shape_errors_are_readable():
                             par=PAR(PAR_CFG))
     with pytest.raises(ValueError, match="image_norm must be"):
         online_pseudo_label(cams, cam_classes, attn, a_f, image[:1], use_rfm=False, refine=REFINE, par=PAR(PAR_CFG))
+    with pytest.raises(ValueError, match="needs the decoder affinity"):
+        online_pseudo_label(cams, cam_classes, attn, None, image, use_rfm=True, refine=REFINE, par=PAR(PAR_CFG))
+
+
+def test_static_refinement_needs_no_decoder_affinity():
+    cams, cam_classes, attn, a_f, image = _inputs(3)
+    with_a_f = online_pseudo_label(cams, cam_classes, attn, a_f, image, use_rfm=False, refine=REFINE, par=PAR(PAR_CFG))
+    without = online_pseudo_label(cams, cam_classes, attn, None, image, use_rfm=False, refine=REFINE, par=PAR(PAR_CFG))
+    assert torch.equal(with_a_f, without)

@@ -111,6 +111,25 @@ def test_checkpoints_and_metrics_are_written(uninterrupted):
     assert m[0]["lr"] < m[2]["lr"]  # warm-up
 
 
+def test_train_views_of_a_bigger_cache_give_the_smaller_cache_run(world, tmp_path):
+    """train.views = 1 on a 2-view cache trains on exactly the samples and batches of the 1-view cache."""
+    two = world["cfg"].replace(extract={"views": 2})
+    extract.run(two, world["manifest"], tmp_path / "cache2", executor="inline", progress=False,
+                model_configs=[TINY_CONFIG])
+    train.run(two.replace(train={"views": 1}), tmp_path / "cache2", tmp_path / "first-view", max_steps=5,
+              progress=False)
+    train.run(world["cfg"], world["cache"], tmp_path / "one-view", max_steps=5, progress=False)
+    assert trajectory(tmp_path / "first-view") == trajectory(tmp_path / "one-view")
+    train.run(two, tmp_path / "cache2", tmp_path / "both-views", max_steps=5, progress=False)
+    assert [m["epoch"] for m in metrics(tmp_path / "both-views")] == [0] * 5  # 16 samples: 8 steps per epoch
+    assert trajectory(tmp_path / "both-views") != trajectory(tmp_path / "one-view")
+    with pytest.raises(train.TrainError, match=r"train.views = 3.*holds 2 views"):
+        train.run(two.replace(train={"views": 3}), tmp_path / "cache2", tmp_path / "too-many", progress=False)
+    with pytest.raises(train.TrainError, match="online training draws a fresh view"):
+        train.run(two.replace(train={"views": 1}), None, tmp_path / "online", online_manifest=world["manifest"],
+                  progress=False, model_configs=[TINY_CONFIG])
+
+
 def test_refuses_bad_cache_path(world, tmp_path):
     with pytest.raises(NotACache, match="no-such-cache"):
         train.run(world["cfg"], tmp_path / "no-such-cache", tmp_path / "out", progress=False)
