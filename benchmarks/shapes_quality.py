@@ -12,15 +12,25 @@ layout and read back from its files (JPEG images, PNG masks), as a real dataset 
   - `caa`: CLIP-ES CAA, `refine_cams` with `static_affinity` of the preset's last `refine.static_layers` maps (§5.2);
   - `caa_crf`: CAA, then DenseCRF with CLIP-ES's parameters (`CLIPES_CRF`) on the [bg, CAMs] stack with p = 1 (§5.3),
     on the RGB image, no confidence threshold.
-Image-level labels are the classes of each GT mask (ALGORITHM.md §2.1, WeCLIP's rule). Methods are entries of
-`METHODS` (batch → label maps), so decoder results (`weclip`, `weclip_no_rfm`) can join the same table.
+  - `caa_par`: the online pseudo label before RFM — CAA, then PAR (ALGORITHM.md §6.5), labels by argmax, no CRF:
+    what the decoder learns from until `refine.rfm_start_iter`, here on the whole val image.
+Image-level labels are the classes of each GT mask (ALGORITHM.md §2.1, WeCLIP's rule).
+
+With `--train` the WeCLIP decoder joins the table (issue 5's quality study). A train world (`--train-images`, the
+demo's seed) is extracted once into an 8-view cache (`max(--views)`), and the decoder is trained with the preset's
+steps, then evaluated on the same val images with the preset's inference (msc + flip, no CRF):
+  - `weclip`: from the cache, views 0..v-1 with v = the preset's `extract.views`, RFM from `refine.rfm_start_iter`;
+  - `weclip_no_rfm`: the same, static CAA for every step (rfm_start_iter past the last step);
+  - `weclip_online`: the same as `weclip`, trained online (backbone + Grad-CAM in the loop, fresh view each epoch);
+  - `views`: `weclip` with views 1, 2, 4, 8 of the same cache (`train.views`), the same number of steps.
+Decoder entries are means over `--train-seeds` (train.seed: decoder init, data order, dropout); `train_runs` lists
+each run. Everything is kept in `--workdir`, and a rerun resumes (caches, checkpoints) instead of redoing.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +44,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.augment import normalise  # noqa: E402
 from pipeline.backbone import FrozenCLIP, sha256_file  # noqa: E402
 from pipeline.cam import CamBatch, softmax_gradcam  # noqa: E402
-from pipeline.config import CLIPES_CRF, Config, preset  # noqa: E402
+from pipeline.config import CLIPES_CRF, Config, DemoConfig, preset  # noqa: E402
 from pipeline.crf import crf_labels, dense_crf  # noqa: E402
 from pipeline.data import shapes  # noqa: E402
 from pipeline.data.images import load_mask, load_rgb  # noqa: E402
 from pipeline.metrics import ConfusionMatrix  # noqa: E402
+from pipeline.par import PAR  # noqa: E402
+from pipeline.pseudo_label import online_pseudo_label  # noqa: E402
 from pipeline.refine import cam_scores, cams_to_labels, refine_cams, static_affinity, upsample_cams  # noqa: E402
 from pipeline.text import class_set, text_embeddings  # noqa: E402
+from stages import evaluate as evaluate_stage, extract, train  # noqa: E402
+from stages.demo import shapes_dataset  # noqa: E402
 from stages.toy_clip import multi_hot, presence_map  # noqa: E402
 
 
@@ -78,8 +92,14 @@ def _caa_crf(batch: Batch, cfg: Config) -> np.ndarray:
                      for image, s, k in zip(batch.rgb, scores, keys)])
 
 
+def _caa_par(batch: Batch, cfg: Config) -> np.ndarray:
+    images = normalise(torch.from_numpy(batch.rgb).permute(0, 3, 1, 2), cfg.model.normalisation)
+    return online_pseudo_label(batch.cams.cams, batch.cams.cam_classes, batch.cams.attn, None, images, use_rfm=False,
+                               refine=cfg.refine, par=PAR(cfg.par)).numpy()
+
+
 METHODS: dict[str, Callable[[Batch, Config], np.ndarray]] = {
-    "all_bg": _all_bg, "cam": _raw_cam, "caa": _caa, "caa_crf": _caa_crf,
+    "all_bg": _all_bg, "cam": _raw_cam, "caa": _caa, "caa_par": _caa_par, "caa_crf": _caa_crf,
 }
 
 
@@ -115,6 +135,68 @@ def evaluate(cfg: Config, root: Path, ids: list[str], batch_size: int) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The decoder study (--train).
+
+@dataclass(frozen=True)
+class TrainRun:
+    name: str  # views_<v>, weclip_no_rfm or weclip_online
+    seed: int
+    cfg: Config
+    online: bool = False
+
+
+def study_runs(cfg: Config, views: list[int], seeds: list[int], online: bool) -> list[TrainRun]:
+    """Every decoder the study trains; `weclip` is the views run at the preset's extract.views."""
+    default = cfg.extract.views
+    runs = []
+    for seed in seeds:
+        cached = cfg.replace(extract={"views": max(views)}, train={"seed": seed})
+        runs += [TrainRun(f"views_{v}", seed, cached.replace(train={"views": v})) for v in views]
+        runs.append(TrainRun("weclip_no_rfm", seed, cached.replace(train={"views": default},
+                                                                   refine={"rfm_start_iter": cfg.train.iterations})))
+        if online:
+            runs.append(TrainRun("weclip_online", seed, cfg.replace(train={"seed": seed}), online=True))
+    return runs
+
+
+def train_and_score(run: TrainRun, cache: Path, train_manifest: Path, val_manifest: Path, workdir: Path,
+                    progress: bool) -> dict:
+    """Train one decoder (resuming what a previous call left) and score it on the val manifest."""
+    out = workdir / "runs" / f"{run.name}-seed{run.seed}"
+    summary = train.run(run.cfg, cache, out, resume=(out / train.CHECKPOINT_NAME).exists(),
+                        online_manifest=train_manifest if run.online else None, progress=progress)
+    saved = out / "eval" / evaluate_stage.REPORT_JSON  # a rerun reuses the score of the same checkpoint step
+    report = json.loads(saved.read_text()) if saved.exists() else {}
+    if report.get("step") != summary.final_step or Path(report.get("manifest", "")) != val_manifest:
+        report = evaluate_stage.run(summary.checkpoint, val_manifest, out / "eval", crf=False,
+                                    progress=progress).to_dict()
+    steps = [json.loads(line) for line in Path(summary.metrics).read_text().splitlines()]
+    return {"name": run.name, "seed": run.seed, "miou": round(100 * report["miou"], 2), "steps": summary.final_step,
+            "s_per_step": round(float(np.mean([m["s_per_step"] for m in steps])), 3),
+            "last_loss": round(steps[-1]["loss"], 4), "eval_images_per_s": round(report["images_per_s"], 2)}
+
+
+def train_study(cfg: Config, workdir: Path, val_manifest: Path, views: list[int], seeds: list[int],
+                train_images: int, online: bool, progress: bool) -> dict:
+    """Extract the train world's cache once, train every run of `study_runs`, and average each over the seeds."""
+    demo = DemoConfig()
+    train_manifest = shapes_dataset(workdir / f"train-s{demo.seed}-n{train_images}" / "data", "train", train_images,
+                                    demo.seed, cfg.aug.crop)
+    cache = workdir / f"cache-{max(views)}v"
+    extract.run(cfg.replace(extract={"views": max(views)}), train_manifest, cache, executor="inline",
+                progress=progress)
+    results = [train_and_score(run, cache, train_manifest, val_manifest, workdir, progress)
+               for run in study_runs(cfg, views, seeds, online)]
+    mean = {name: round(float(np.mean([r["miou"] for r in results if r["name"] == name])), 2)
+            for name in dict.fromkeys(r["name"] for r in results)}
+    decoders = {"weclip": mean[f"views_{cfg.extract.views}"], "weclip_no_rfm": mean["weclip_no_rfm"]}
+    if online:
+        decoders["weclip_online"] = mean["weclip_online"]
+    return {"decoders": decoders, "views": {v: mean[f"views_{v}"] for v in views},
+            "train_images": train_images, "iterations": cfg.train.iterations, "seeds": seeds, "train_runs": results}
+
+
 def main() -> None:
     cfg = preset("shapes")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -124,14 +206,29 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=cfg.model.pretrained, help="default: the shipped tiny CLIP")
     parser.add_argument("--static-layers", type=int, default=cfg.refine.static_layers)
     parser.add_argument("--batch-size", type=int, default=25)
+    parser.add_argument("--workdir", type=Path, default=Path("runs/shapes_quality"),
+                        help="worlds, caches and training runs; a rerun reuses them")
+    parser.add_argument("--train", action="store_true", help="also train and score the WeCLIP decoder (slow)")
+    parser.add_argument("--views", type=int, nargs="+", default=[1, 2, 4, 8], help="views per image to compare")
+    parser.add_argument("--train-images", type=int, default=DemoConfig().train_images)
+    parser.add_argument("--train-seeds", type=int, nargs="+", default=[cfg.train.seed])
+    parser.add_argument("--no-online", action="store_true", help="skip the online-training run")
     parser.add_argument("--record", type=Path, help="also store the result under 'quality' in this JSON file")
     args = parser.parse_args()
     cfg = cfg.replace(model={"pretrained": args.checkpoint}, refine={"static_layers": args.static_layers})
+    if args.train and cfg.extract.views not in args.views:
+        parser.error(f"--views must include the preset's extract.views ({cfg.extract.views}): it is `weclip`")
     torch.set_num_threads(2)
     tic = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        ids = shapes.generate(tmp, "val", args.count, args.seed, args.size, cfg.text.template)
-        result = evaluate(cfg, Path(tmp), ids, args.batch_size)
+    val_root = args.workdir / f"val-s{args.seed}-n{args.count}" / "data"
+    val_manifest = shapes_dataset(val_root, "val", args.count, args.seed, args.size)
+    ids = (val_root / "ImageSets/Segmentation/val.txt").read_text().split()
+    result = evaluate(cfg, val_root, ids, args.batch_size)
+    if args.train:
+        study = train_study(cfg, args.workdir, val_manifest, args.views, args.train_seeds, args.train_images,
+                            not args.no_online, progress=sys.stderr.isatty())
+        result["miou"].update(study.pop("decoders"))
+        result["train_study"] = study
     result = {"images": args.count, "seed": args.seed, "size": args.size, "model": cfg.model.name,
               "checkpoint": str(cfg.model.pretrained), "sha256": sha256_file(Path(cfg.model.pretrained)),
               "static_layers": cfg.refine.static_layers,

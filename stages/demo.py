@@ -37,7 +37,7 @@ class DemoSummary:
         return "\n".join(lines)
 
 
-def _dataset(root: Path, split: str, count: int, seed: int, size: int) -> Path:
+def shapes_dataset(root: Path, split: str, count: int, seed: int, size: int) -> Path:
     """Generate one split (skipped when its list file already names `count` images) and build its manifest."""
     listing = root / "ImageSets/Segmentation" / f"{split}.txt"
     if not listing.exists() or len(listing.read_text().split()) != count:
@@ -61,8 +61,8 @@ def run(workdir: str | Path = "runs/demo", quick: bool = False, executor: str = 
         cfg = cfg.replace(train={"iterations": demo.quick_iterations, "checkpoint_every": demo.quick_iterations})
     image_size = cfg.aug.crop
     data = workdir / "data"
-    train_manifest = _dataset(data, "train", n_train, demo.seed, image_size)
-    val_manifest = _dataset(data, "val", n_val, demo.seed + 1, image_size)
+    train_manifest = shapes_dataset(data, "train", n_train, demo.seed, image_size)
+    val_manifest = shapes_dataset(data, "val", n_val, demo.seed + 1, image_size)
 
     extract.run(cfg, train_manifest, workdir / "cache", executor=executor, progress=progress)
     run_dir = workdir / "train"
