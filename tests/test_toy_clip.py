@@ -174,6 +174,32 @@ def test_quality_benchmark_runs_on_the_shipped_checkpoint(tmp_path):
     cfg = preset("shapes")
     ids = shapes.generate(tmp_path, "val", 6, seed=2024, size=224, template=cfg.text.template)
     result = shapes_quality.evaluate(cfg, tmp_path, ids, batch_size=6)
-    assert set(result["miou"]) == {"all_bg", "cam", "caa", "caa_crf"}
+    assert set(result["miou"]) == {"all_bg", "cam", "caa", "caa_par", "caa_crf"}
     assert 0.5 < result["presence_map"] <= 1
     assert result["miou"]["cam"] > result["miou"]["all_bg"] + 10
+
+
+def test_quality_train_study_runs_end_to_end_and_resumes(tmp_path):
+    """shapes_quality --train on a few images and steps: every decoder entry scored, views from one cache, and a
+    rerun reuses the trained runs and their scores."""
+    import sys
+    sys.path.insert(0, str(TESTS.parent / "benchmarks"))
+    import shapes_quality
+
+    cfg = preset("shapes").replace(train={"iterations": 4, "checkpoint_every": 4, "batch_size": 2},
+                                   refine={"rfm_start_iter": 2}, eval={"long_side": 224, "scales": [1.0]})
+    val = shapes_quality.shapes_dataset(tmp_path / "val" / "data", "val", 3, 2024, 224)
+    study = shapes_quality.train_study(cfg, tmp_path, val, views=[1, 2], seeds=[1], train_images=6, online=True,
+                                       progress=False)
+    assert set(study["decoders"]) == {"weclip", "weclip_no_rfm", "weclip_online"}
+    assert study["decoders"]["weclip"] == study["views"][2]  # the preset's views are `weclip`
+    runs = {r["name"]: r for r in study["train_runs"]}
+    assert set(runs) == {"views_1", "views_2", "weclip_no_rfm", "weclip_online"}
+    assert all(r["steps"] == 4 and 0 <= r["miou"] <= 100 for r in runs.values())
+    def rfm_flags(run: str) -> list[bool]:
+        return [json.loads(line)["rfm"] for line in (tmp_path / "runs" / run / "metrics.jsonl").read_text().splitlines()]
+    assert rfm_flags("views_2-seed1") == [False, False, True, True]
+    assert rfm_flags("weclip_no_rfm-seed1") == [False] * 4
+    again = shapes_quality.train_study(cfg, tmp_path, val, views=[1, 2], seeds=[1], train_images=6, online=True,
+                                       progress=False)
+    assert again["train_runs"] == study["train_runs"]
