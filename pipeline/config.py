@@ -218,7 +218,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "aug": {"crop": 224},
         # 3 blocks instead of 12: CAA averages the last 2 maps (VOC: 8 of 12), RFM chooses among the last 2 (VOC: 6)
         "refine": {"rfm_start_iter": 150, "static_layers": 2, "rfm_layers": 2},  # RFM for the second half
-        "extract": {"views": 2, "samples_per_shard": 32,
+        "extract": {"views": 1, "samples_per_shard": 32,  # views: benchmarks/shapes_quality.py --train, README
                     "feature_layers": [1, 2], "attn_layers": [1, 2, 3]},  # blocks 1..n-1 (decoder) / 1..n (CAA, RFM)
         "train": {"iterations": 300, "checkpoint_every": 100, "workers": 0},
         "eval": {"clipes_normalisation": "preset"},  # the tiny CLIP was trained on ImageNet-normalised images

@@ -192,7 +192,7 @@ def test_quality_train_study_runs_end_to_end_and_resumes(tmp_path):
     study = shapes_quality.train_study(cfg, tmp_path, val, views=[1, 2], seeds=[1], train_images=6, online=True,
                                        progress=False)
     assert set(study["decoders"]) == {"weclip", "weclip_no_rfm", "weclip_online"}
-    assert study["decoders"]["weclip"] == study["views"][2]  # the preset's views are `weclip`
+    assert study["decoders"]["weclip"] == study["views"][cfg.extract.views]  # the preset's views are `weclip`
     runs = {r["name"]: r for r in study["train_runs"]}
     assert set(runs) == {"views_1", "views_2", "weclip_no_rfm", "weclip_online"}
     assert all(r["steps"] == 4 and 0 <= r["miou"] <= 100 for r in runs.values())
