@@ -60,8 +60,10 @@ from stages.toy_clip import multi_hot, presence_map  # noqa: E402
 
 @dataclass
 class Batch:
-    """Images of one size with their GT and CAMs: rgb B×H×W×3 uint8, masks B×H×W, labels (ascending ids)."""
+    """Images of one size with their GT and CAMs: rgb B×H×W×3 uint8, images the normalised B×3×H×W network input,
+    masks B×H×W, labels (ascending ids)."""
     rgb: np.ndarray
+    images: torch.Tensor
     masks: np.ndarray
     labels: list[list[int]]
     cams: CamBatch
@@ -93,9 +95,8 @@ def _caa_crf(batch: Batch, cfg: Config) -> np.ndarray:
 
 
 def _caa_par(batch: Batch, cfg: Config) -> np.ndarray:
-    images = normalise(torch.from_numpy(batch.rgb).permute(0, 3, 1, 2), cfg.model.normalisation)
-    return online_pseudo_label(batch.cams.cams, batch.cams.cam_classes, batch.cams.attn, None, images, use_rfm=False,
-                               refine=cfg.refine, par=PAR(cfg.par)).numpy()
+    return online_pseudo_label(batch.cams.cams, batch.cams.cam_classes, batch.cams.attn, None, batch.images,
+                               use_rfm=False, refine=cfg.refine, par=PAR(cfg.par)).numpy()
 
 
 METHODS: dict[str, Callable[[Batch, Config], np.ndarray]] = {
@@ -121,7 +122,7 @@ def evaluate(cfg: Config, root: Path, ids: list[str], batch_size: int) -> dict:
         truth.append(multi_hot(labels, names.num_classes))
         cams = softmax_gradcam(backbone, images, labels, text, feature_layers=(),
                                attn_layers=tuple(range(1, backbone.num_blocks + 1)))
-        batch = Batch(rgb, masks, labels, cams)
+        batch = Batch(rgb, images, masks, labels, cams)
         for name, method in METHODS.items():
             tic = time.perf_counter()
             matrices[name].update(method(batch, cfg), masks)
