@@ -1,6 +1,6 @@
 """Views/s of the full extract path vs open_clip's own `encode_image`, same process, inputs, precision and batch.
 
-Extract path = `pipeline.extract_worker.run_shard` on one shard: JPEG decode → view crop → normalise →
+Extract path = `pipeline.extract.worker.run_shard` on one shard: JPEG decode → view crop → normalise →
 `softmax_gradcam` (frozen blocks, last block with grad, one vmapped backward for the class slots) → cache dtype → `write_shard`
 (compression, checksums, commit) into a temporary cache. Baseline = `model.encode_image` under `no_grad` of an open_clip
 model of the same architecture built for the crop size (open_clip does not resize its positional embedding per
@@ -31,13 +31,13 @@ import open_clip
 import torch
 from PIL import Image
 
-from pipeline.augment import normalise
-from pipeline.backbone import FrozenCLIP
+from pipeline.data.augment import normalise
+from pipeline.model.backbone import FrozenCLIP
 from pipeline.cache.store import CacheWriter
 from pipeline.config import Config
-from pipeline.extract_worker import (ExtractJob, ExtractPlan, PlannedImage, ShardData, cache_layout, extract_shard,
+from pipeline.extract.worker import (ExtractJob, ExtractPlan, PlannedImage, ShardData, cache_layout, extract_shard,
                                      load_backbone, run_shard)
-from pipeline.text import TextEmbeddings, class_set, text_embeddings
+from pipeline.model.text import TextEmbeddings, class_set, text_embeddings
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:

@@ -38,10 +38,10 @@ from PIL import Image
 from torch.utils.data import default_convert
 
 from pipeline.config import Config, preset
-from pipeline.decoder import WeCLIPDecoder
-from pipeline.optim import PolyWarmup, build_optimizer
-from pipeline.par import PAR
-from pipeline.pseudo_label import rfm_active
+from pipeline.model.decoder import WeCLIPDecoder
+from pipeline.training.optim import PolyWarmup, build_optimizer
+from pipeline.refinement.par import PAR
+from pipeline.refinement.pseudo_label import rfm_active
 from stages import extract, manifest, train
 
 
@@ -159,7 +159,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = preset("voc").replace(model={"name": args.model, "pretrained": None, "init_seed": args.seed},
                                 aug={"crop": args.crop}, extract={"views": 1, "seed": args.seed},
-                                train={"batch_size": args.batch, "workers": 0, "checkpoint_every": 10**9})
+                                train={"batch_size": args.batch, "loader_workers": 0, "checkpoint_every": 10**9})
     with tempfile.TemporaryDirectory(prefix="weclip-train-bench-") as tmp:
         root = Path(tmp)
         manifest_path = build_manifest(root / "data", args.images, args.classes, args.seed)

@@ -32,7 +32,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TextConfig:
     template: str = "a clean origami {}."  # [PW] supplement writes "a clear origami"; code says "clean"
-    classes: Literal["voc", "coco", "shapes"] = "voc"  # which class-name and background lists of pipeline/text.py
+    classes: Literal["voc", "coco", "shapes"] = "voc"  # which class-name and background lists of pipeline/model/text.py
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class ManifestConfig:
     voc_labels: Literal["mask", "xml"] = "mask"  # WeCLIP code: unique GT-PNG values; CLIP-ES: XML <object><name>
     coco_labels: Literal["mask", "json"] = "mask"  # WeCLIP code: SegmentationClass PNGs; "json": instances_*.json
     decode: Literal["full", "header"] = "full"  # full pixel decode catches truncated files; header = PIL verify
-    workers: int = 8  # validation threads (PIL decodes outside the GIL)
+    decode_threads: int = 8  # validation threads (PIL decodes outside the GIL)
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     seed: int = 1
     checkpoint_every: int = 2000
-    workers: int = 2
+    loader_workers: int = 2  # DataLoader processes that read the cache (0 = in the training process)
     train_flip: bool = False  # extra h-flip at train time, applied consistently to every cached array
     views: int | None = None  # train on views 0..views-1 of each cached image (None: all the cache holds)
 
@@ -155,9 +155,9 @@ class EvalConfig:
     # CLIP-ES input statistics (§5.1: CLIP's); "preset" = model.normalisation (the stats the backbone was trained on)
     clipes_normalisation: Literal["clip", "imagenet", "preset"] = "clip"
     # image the CLIP-ES bilateral term sees: "rgb" = the RGB uint8 image; "released" = the released script's
-    # mean-subtracted BGR wrapped to uint8 (§0.1 item 12, pipeline/crf.py `clipes_crf_image`), an opt-in quirk
+    # mean-subtracted BGR wrapped to uint8 (§0.1 item 12, pipeline/refinement/crf.py `clipes_crf_image`), an opt-in quirk
     clipes_crf_image: Literal["rgb", "released"] = "rgb"
-    workers: int = 2  # DenseCRF worker processes (0 = in the main process)
+    crf_workers: int = 2  # DenseCRF worker processes (0 = in the main process)
     crf_retries: int = 1  # re-runs of an image whose CRF worker raised or died, before the run fails naming it
     overlay_alpha: float = 0.5  # weight of the label colours in `weclip infer --overlay` images
 
@@ -175,7 +175,6 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class Config:
-    dataset: str = "voc"
     model: ModelConfig = field(default_factory=ModelConfig)
     text: TextConfig = field(default_factory=TextConfig)
     aug: AugConfig = field(default_factory=AugConfig)
@@ -203,14 +202,12 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     "voc": {},
     "coco": {
-        "dataset": "coco",
         "text": {"classes": "coco"},
         "refine": {"box_threshold": 0.7, "rfm_layers": 10, "rfm_start_iter": 40000},
         "extract": {"attn_layers": list(range(3, 13))},
         "train": {"iterations": 80000, "checkpoint_every": 10000},
     },
     "shapes": {
-        "dataset": "shapes",
         # the tiny CLIP trained on this world by stages/toy_clip.py (3 blocks, width 96), shipped with the package
         "model": {"name": "weclip-tiny",
                   "pretrained": str(Path(__file__).resolve().parent / "assets" / "weclip-tiny.pt")},
@@ -220,7 +217,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "refine": {"rfm_start_iter": 150, "static_layers": 2, "rfm_layers": 2},  # RFM for the second half
         "extract": {"views": 1, "samples_per_shard": 32,  # views: benchmarks/shapes_quality.py --train, README
                     "feature_layers": [1, 2], "attn_layers": [1, 2, 3]},  # blocks 1..n-1 (decoder) / 1..n (CAA, RFM)
-        "train": {"iterations": 300, "checkpoint_every": 100, "workers": 0},
+        "train": {"iterations": 300, "checkpoint_every": 100, "loader_workers": 0},
         "eval": {"clipes_normalisation": "preset"},  # the tiny CLIP was trained on ImageNet-normalised images
     },
 }

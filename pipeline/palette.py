@@ -6,11 +6,12 @@ the files read back as label maps with `pipeline.data.images.load_mask` and show
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from pipeline.files import atomic_write
 
 
 def voc_colormap(n: int = 256) -> np.ndarray:
@@ -50,12 +51,4 @@ def label_image(labels: np.ndarray) -> Image.Image:
 
 def save_label_png(path: str | Path, labels: np.ndarray) -> Path:
     """Write `labels` as a VOC-palette PNG, atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        label_image(labels).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: label_image(labels).save(tmp, format="PNG"))

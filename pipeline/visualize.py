@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.files import atomic_write
 from pipeline.palette import colorize
 
 GRID_COLUMNS = ("image", "CAM", "refined CAM", "pseudo label", "prediction", "ground truth")
@@ -102,15 +102,7 @@ def sample_grid(rows: Sequence[tuple[str, dict[str, np.ndarray]]], columns: Sequ
 
 
 def _save_png(image: Image.Image, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def save_rgb_png(path: str | Path, rgb: np.ndarray) -> Path:

@@ -29,20 +29,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.augment import normalise
-from pipeline.backbone import FrozenCLIP
+from pipeline.data.augment import normalise
+from pipeline.model.backbone import FrozenCLIP
 from pipeline.cache import fingerprint as fp
-from pipeline.checkpoint import Checkpoint, build_decoder_from_checkpoint, load_checkpoint
+from pipeline.training.checkpoint import Checkpoint, build_decoder_from_checkpoint, load_checkpoint
 from pipeline.config import CrfParams, EvalConfig
-from pipeline.crf import crf_labels, dense_crf
+from pipeline.refinement.crf import crf_labels, dense_crf
 from pipeline.data.images import ImageDecodeError, load_manifest_rgb, load_mask
 from pipeline.data.manifest import Manifest, ManifestRow, read_manifest
-from pipeline.decoder import WeCLIPDecoder
-from pipeline.extract_worker import load_backbone
-from pipeline.inference import SegFn, floor_to_patches, msc_flip_logits, resize_long_side, segment_fn, weclip_cam_maps
+from pipeline.model.decoder import WeCLIPDecoder
+from pipeline.extract.worker import load_backbone
+from pipeline.inference.segment import SegFn, floor_to_patches, msc_flip_logits, resize_long_side, segment_fn, weclip_cam_maps
 from pipeline.metrics import ConfusionMatrix
 from pipeline.palette import colorize, save_label_png
-from pipeline.text import class_set, text_embeddings
+from pipeline.model.text import class_set, text_embeddings
 from pipeline.visualize import GRID_COLUMNS, cam_panels, save_sample_grid
 
 T = TypeVar("T")
@@ -351,7 +351,7 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def crf_pool(crf: bool, cfg: EvalConfig, workers: int | None) -> CrfPool | None:
-    return CrfPool(cfg.workers if workers is None else workers, cfg.crf_retries) if crf else None
+    return CrfPool(cfg.crf_workers if workers is None else workers, cfg.crf_retries) if crf else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -412,7 +412,7 @@ def run(checkpoint: str | Path, manifest: str | Path, out_dir: str | Path, cfg: 
     cfg: inference settings (default: the checkpoint's `eval` section); crf: DenseCRF on/off (default cfg.crf);
     save_predictions: VOC-palette PNGs in out_dir/predictions; visualize: a grid of the first N images (image,
     CAM, refined CAM, pseudo label, prediction, GT) in out_dir/visualize.png; workers: CRF processes (default
-    cfg.workers); model_configs: extra open_clip configs to register (e.g. a test's tiny ViT).
+    cfg.crf_workers); model_configs: extra open_clip configs to register (e.g. a test's tiny ViT).
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)

@@ -1,6 +1,6 @@
 """Stage `extract`: run the frozen CLIP once per planned training view and store the feature cache (DESIGN.md §3).
 
-The driver reads the manifest, builds the plan (pipeline/extract_worker.py), loads the backbone once to learn its
+The driver reads the manifest, builds the plan (pipeline/extract/worker.py), loads the backbone once to learn its
 identity and shapes, fingerprints the run, creates (or reopens, to resume) the cache, and then runs every shard
 that has no commit record yet — in this process (`executor="inline"`) or as Ray tasks (`executor="ray"`). Each Ray
 worker process loads the model once and reuses it for all its shards; a task whose worker dies is retried
@@ -22,9 +22,9 @@ from tqdm import tqdm
 from pipeline.cache.store import CacheWriter
 from pipeline.config import Config
 from pipeline.data.manifest import read_manifest
-from pipeline.extract_worker import (ExtractJob, ShardOutcome, ShardTask, cache_layout, load_backbone, make_plan,
+from pipeline.extract.worker import (ExtractJob, ShardOutcome, ShardTask, cache_layout, load_backbone, make_plan,
                                      run_shard)
-from pipeline.text import class_set
+from pipeline.model.text import class_set
 
 Executor = Literal["ray", "inline"]
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

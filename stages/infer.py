@@ -99,7 +99,7 @@ def run(checkpoint: str | Path, images: str | Path, out_dir: str | Path, cfg: Ev
 
     cfg: inference settings (default: the checkpoint's `eval` section); crf: DenseCRF (default cfg.crf);
     overlays: also write the images with their labels blended on top (weight cfg.overlay_alpha); workers: CRF
-    processes (default cfg.workers); model_configs: extra open_clip configs to register.
+    processes (default cfg.crf_workers); model_configs: extra open_clip configs to register.
     """
     started = time.perf_counter()
     folder, out_dir = Path(images), Path(out_dir)

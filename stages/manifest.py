@@ -15,7 +15,7 @@ from pipeline.data.coco import read_coco
 from pipeline.data.folder import load_class_names, read_folder
 from pipeline.data.manifest import Listing, rejects_path, validate, write_manifest, write_rejects
 from pipeline.data.voc import read_voc
-from pipeline.text import ClassSet, class_set as lookup_class_set
+from pipeline.model.text import ClassSet, class_set as lookup_class_set
 
 Format = Literal["voc", "coco", "folder", "shapes"]
 FORMATS: tuple[str, ...] = ("voc", "coco", "folder", "shapes")
@@ -78,7 +78,7 @@ def run(fmt: Format, root: str | Path, out: str | Path, *, split: str | None = N
     (the file is then `<dataset>_<split>.parquet`). split: defaults to `cfg.<fmt>_split` (VOC
     train_aug, COCO train). list_file: a split list replacing the layout's (VOC/shapes/COCO).
     labels_from: VOC/shapes 'mask' (WeCLIP, default) or 'xml' (CLIP-ES); COCO 'mask' (default) or
-    'json'. class_set: a `pipeline.text` class-set name or object (default: the format's own;
+    'json'. class_set: a `pipeline.model.text` class-set name or object (default: the format's own;
     folder needs it or class_names_file). labels_file: the folder format's CSV/JSON. annotations:
     COCO instances json if not in the usual place. command: recorded in the file (default: this call).
     Rejected images (with reasons) go to `<manifest>.rejects.jsonl` next to the manifest.
@@ -95,7 +95,7 @@ def run(fmt: Format, root: str | Path, out: str | Path, *, split: str | None = N
     split = split or getattr(cfg, f"{fmt}_split")
     names, set_name = _classes(fmt, class_set, class_names_file)
     listing = _list(fmt, root, split, names, labels_from, list_file, labels_file, annotations, cfg)
-    rows, rejects = validate(listing.candidates, root, len(names), decode=cfg.decode, workers=cfg.workers,
+    rows, rejects = validate(listing.candidates, root, len(names), decode=cfg.decode, workers=cfg.decode_threads,
                              progress=progress)
     rejects = listing.rejects + rejects
     out = Path(out)

@@ -25,15 +25,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.augment import normalise
+from pipeline.data.augment import normalise
 from pipeline.config import Config, IGNORE_INDEX
-from pipeline.crf import clipes_crf_image
+from pipeline.refinement.crf import clipes_crf_image
 from pipeline.data.manifest import ManifestRow, read_manifest
-from pipeline.extract_worker import load_backbone
-from pipeline.inference import clipes_cam_scores, clipes_input
+from pipeline.extract.worker import load_backbone
+from pipeline.inference.segment import clipes_cam_scores, clipes_input
 from pipeline.metrics import ConfusionMatrix
 from pipeline.palette import colorize, save_label_png
-from pipeline.text import class_set, text_embeddings
+from pipeline.model.text import class_set, text_embeddings
 from pipeline.visualize import GRID_COLUMNS, cam_panels, save_sample_grid
 from stages.evaluate import (BACKGROUND, GRID_NAME, REPORT_JSON, REPORT_MD, CrfJob, EvalError, check_classes, crf_pool,
                              labelled, load_predictor, markdown_report, percent, read_gt, read_rgb, resolve_device,
@@ -108,7 +108,7 @@ def run(manifest: str | Path, out_dir: str | Path, cfg: Config | None = None, so
 
     cfg: for `clip-es`, the model, text, refinement and eval settings (required); for `weclip`, defaults to the
     checkpoint's config (only its `eval` section is used). checkpoint: the trained decoder (`weclip` only).
-    workers: CRF processes (default cfg.eval.workers). visualize: a grid of the first N images.
+    workers: CRF processes (default cfg.eval.crf_workers). visualize: a grid of the first N images.
     """
     if source not in SOURCES:
         raise ValueError(f"unknown pseudo-mask source {source!r}; choose one of {SOURCES}")

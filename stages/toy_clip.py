@@ -12,7 +12,7 @@ Choices (the architecture is `pipeline/model_configs/weclip-tiny.json`; the rest
   summary (background patches end up more similar to the class prompt than the object's own patches), so
   Grad-CAM lights the background; with 3 blocks the tokens stay local and raw CAMs reach ~50.
 - Input: the shapes preset's extraction input, i.e. ImageNet mean/std on the 0..255 scale (ALGORITHM.md §0.1 item 5,
-  `pipeline.augment.normalise`), 224×224. The image embedding is open_clip's `pool_type='avg'` (ln_post on all
+  `pipeline.data.augment.normalise`), 224×224. The image embedding is open_clip's `pool_type='avg'` (ln_post on all
   tokens, mean of the patch tokens, proj): the pooling the CAM uses (ALGORITHM.md §3.2 step 5).
 - Captions teach exactly the sentences the CAM scores (ALGORITHM.md §3.3): each image gets one caption drawn from
   four kinds — every object + background ("a photo of a ball and a star on grass."), a subset of its objects with
@@ -49,11 +49,12 @@ import torch.nn.functional as F
 from open_clip.transformer import PatchDropout
 from torch import nn
 
-from pipeline.backbone import register_model_configs, sha256_file
-from pipeline import augment
+from pipeline.files import sha256_file
+from pipeline.model.backbone import register_model_configs
+from pipeline.data import augment
 from pipeline.config import preset
 from pipeline.data import shapes
-from pipeline.text import class_set
+from pipeline.model.text import class_set
 
 MAX_CHECKPOINT_BYTES = 20 * 1024 * 1024  # the shipped checkpoint must stay small (issue 3)
 
@@ -159,7 +160,7 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
     """B×H×W×3 uint8 → B×3×H×W float, normalised exactly as the shapes preset's extraction normalises
-    (`pipeline.augment.normalise` with `preset('shapes').model.normalisation`: ImageNet mean/std, 0..255 scale)."""
+    (`pipeline.data.augment.normalise` with `preset('shapes').model.normalisation`: ImageNet mean/std, 0..255 scale)."""
     return augment.normalise(images.permute(0, 3, 1, 2), preset("shapes").model.normalisation)
 
 

@@ -4,8 +4,8 @@ One training step (ALGORITHM.md §7.2), shared by both sources:
 
     decoder(features) -> logits P, affinity A_f
     M_p = online_pseudo_label(cams, attn, A_f, image)              (static CAA before `rfm_start_iter`, then RFM)
-    loss = L_seg(P↑, M_p) + λ·L_aff(A_f, Â(M_p))                   (pipeline/losses.py)
-    AdamW step + poly warm-up                                       (pipeline/optim.py; only the decoder learns)
+    loss = L_seg(P↑, M_p) + λ·L_aff(A_f, Â(M_p))                   (pipeline/training/losses.py)
+    AdamW step + poly warm-up                                       (pipeline/training/optim.py; only the decoder learns)
 
 Sources of (features, attn, cams, image) for a step:
 * cache (default): the committed samples of a feature cache. Every epoch visits them all in a new order,
@@ -38,27 +38,27 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline.augment import apply_view, draw_view, normalise, valid_mask
+from pipeline.data.augment import apply_view, draw_view, normalise, valid_mask
 from pipeline.cache import fingerprint as fp
 from pipeline.cache.store import CacheReader
-from pipeline.cam import softmax_gradcam
-from pipeline.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from pipeline.model.cam import softmax_gradcam
+from pipeline.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from pipeline.config import Config
 from pipeline.data.images import ImageDecodeError, load_manifest_rgb
 from pipeline.data.manifest import read_manifest
-from pipeline.decoder import WeCLIPDecoder
-from pipeline.extract_worker import (ExtractPlan, PlannedImage, all_prompts, check_layers, crop_grid, load_backbone,
+from pipeline.model.decoder import WeCLIPDecoder
+from pipeline.extract.worker import (ExtractPlan, PlannedImage, all_prompts, check_layers, crop_grid, load_backbone,
                                      make_plan)
-from pipeline.losses import total_loss
-from pipeline.optim import PolyWarmup, build_optimizer
-from pipeline.par import PAR
-from pipeline.pseudo_label import online_pseudo_label, rfm_active
-from pipeline.text import class_set, text_embeddings
+from pipeline.training.losses import total_loss
+from pipeline.training.optim import PolyWarmup, build_optimizer
+from pipeline.refinement.par import PAR
+from pipeline.refinement.pseudo_label import online_pseudo_label, rfm_active
+from pipeline.model.text import class_set, text_embeddings
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 # Config fields that may change between a run and its resumption: they do not change what is computed.
-RESUMABLE_CHANGES = ("train.workers", "train.checkpoint_every")
+RESUMABLE_CHANGES = ("train.loader_workers", "train.checkpoint_every")
 # Domains of the seeded generators, so that the order and flip streams never coincide.
 _ORDER_STREAM, _FLIP_STREAM = 0, 1
 
@@ -380,7 +380,7 @@ def run(cfg: Config, cache_path: str | Path | None, out_dir: str | Path, resume:
 
     par = PAR(cfg.par)
     loader = DataLoader(source.dataset(start, max(start, end)), batch_size=None, shuffle=False,
-                        num_workers=cfg.train.workers, pin_memory=dev.type == "cuda",
+                        num_workers=cfg.train.loader_workers, pin_memory=dev.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.train.seed))
     last: dict[str, Any] | None = None
     times: list[float] = []
@@ -444,7 +444,7 @@ def _restore(ckpt: Checkpoint, cfg: Config, source: Source, decoder: WeCLIPDecod
     changed = [k for k in _flat_diff(ckpt.config.to_dict(), cfg.to_dict()) if k not in RESUMABLE_CHANGES]
     if changed:
         raise TrainError(f"checkpoint {ckpt.path} was trained with other settings: {', '.join(changed)} differ; an "
-                         "exact resume needs the same config (only train.workers and train.checkpoint_every may "
+                         "exact resume needs the same config (only train.loader_workers and train.checkpoint_every may "
                          "change). Use the original settings, or train into a new folder")
     decoder.load_state_dict(ckpt.decoder_state)
     optimizer.load_state_dict(ckpt.optimizer_state)

@@ -7,7 +7,7 @@ from typing import Callable
 import pytest
 import torch
 
-from pipeline.backbone import FrozenCLIP, register_model_configs
+from pipeline.model.backbone import FrozenCLIP, register_model_configs
 
 TINY_CONFIG = Path(__file__).parent / "tiny-vit.json"
 TINY_NAME = TINY_CONFIG.stem  # open_clip registers a config file under its stem

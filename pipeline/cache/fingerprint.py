@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.cache.schema import SCHEMA_VERSION
+from pipeline.files import sha256_file
 from pipeline.config import Config
 
 FINGERPRINT_KEYS = (
@@ -43,14 +44,6 @@ def canonical_json(value: Any) -> str:
 
 def sha256_json(value: Any) -> str:
     return hashlib.sha256(canonical_json(value).encode()).hexdigest()
-
-
-def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def make_fingerprint(**parts: Any) -> dict[str, Any]:

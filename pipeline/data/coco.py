@@ -9,7 +9,7 @@ Layouts (ALGORITHM.md §2.2), the first existing image folder wins:
 `labels_from="mask"` (default, WeCLIP's released code) uses the unique mask values; `"json"` uses the
 categories of every annotation of the image (crowd annotations included: the object is there).
 COCO category ids (1..90 with gaps) are mapped to our 0..79 order by name; COCO's official names are
-translated to the VOC-style spellings of `pipeline.text.COCO_CLASSES`.
+translated to the VOC-style spellings of `pipeline.model.text.COCO_CLASSES`.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Literal
 from pipeline.data.manifest import Candidate, Listing, Reject, read_id_list
 from pipeline.data.voc import image_names
 
-# official COCO name -> the spelling used in pipeline/text.py (VOC style, as the released code's lists)
+# official COCO name -> the spelling used in pipeline/model/text.py (VOC style, as the released code's lists)
 COCO_NAME_ALIASES = {"motorcycle": "motorbike", "airplane": "aeroplane", "couch": "sofa",
                      "potted plant": "pottedplant", "dining table": "diningtable", "tv": "tvmonitor"}
 _COCO_ID = re.compile(r"COCO_[a-z]+2014_(\d{12})")

@@ -8,7 +8,6 @@ without a reason. The Arrow schema is built from `manifests/manifest_schema.json
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from pipeline.files import atomic_write
 from pipeline.config import IGNORE_INDEX
 from pipeline.data.images import DecodeMode, ImageDecodeError, check_image, load_mask
 
@@ -178,18 +178,10 @@ def rejects_path(manifest_path: str | Path) -> Path:
     return path.with_name(path.name.removesuffix(".parquet") + ".rejects.jsonl")
 
 
-def _atomic_write(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-    return path
-
-
 def write_rejects(path: str | Path, rejects: Iterable[Reject]) -> Path:
     """One JSON object per line (always written, so a stale file never survives a rebuild)."""
     lines = "".join(json.dumps(asdict(r)) + "\n" for r in rejects)
-    return _atomic_write(Path(path), lambda tmp: tmp.write_text(lines))
+    return atomic_write(Path(path), lambda tmp: tmp.write_text(lines))
 
 
 def read_rejects(path: str | Path) -> list[Reject]:
@@ -209,7 +201,7 @@ def write_manifest(path: str | Path, rows: Sequence[ManifestRow], *, dataset: st
             "class_names": list(class_names), "root": str(Path(root).resolve()), "command": command}
     table = pa.Table.from_pydict(columns, schema=schema).replace_schema_metadata(
         {schema_spec()["metadata_key"]: json.dumps(meta)})
-    return _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The embedded "shapes" world: a procedural segmentation set with exact masks (DESIGN.md §5).
 
-Each image is a textured background (one of `SHAPES_BACKGROUND` in `pipeline/text.py`: sky, grass, water,
+Each image is a textured background (one of `SHAPES_BACKGROUND` in `pipeline/model/text.py`: sky, grass, water,
 sand, bricks, road) with 1–3 objects of the six `SHAPES_CLASSES` (ball, star, box, triangle, ring, heart).
 A class is a shape *and* a colour/texture; colours are jittered per object, sizes, rotations and positions
 vary, and later objects may occlude earlier ones (each object keeps at least `MIN_VISIBLE` of its area).
@@ -26,7 +26,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.config import preset
-from pipeline.text import SHAPES_BACKGROUND, SHAPES_CLASSES, class_set
+from pipeline.palette import label_image
+from pipeline.model.text import SHAPES_BACKGROUND, SHAPES_CLASSES, class_set
 
 JPEG_QUALITY = 95
 OBJECT_COUNT_PROBS = (0.45, 0.35, 0.20)  # 1, 2 or 3 objects
@@ -279,21 +280,6 @@ def iter_samples(seed: int, size: int, template: str, start: int = 0,
         index += 1
 
 
-def voc_palette() -> list[int]:
-    """The standard 256-entry PASCAL VOC colour map, flattened RGB (index 255 is the ignore colour)."""
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
-
 def image_id(split: str, index: int) -> str:
     return f"shapes_{split}_{index:05d}"
 
@@ -311,15 +297,12 @@ def generate(root: str | Path, split: str, count: int, seed: int, size: int = 22
     root = Path(root)
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    palette = voc_palette()
     ids, records = [], []
     for index, s in enumerate(iter_samples(seed, size, template, count=count)):
         name = image_id(split, index)
         Image.fromarray(s.image, mode="RGB").save(root / "JPEGImages" / f"{name}.jpg", quality=JPEG_QUALITY,
                                                   subsampling=0)
-        png = Image.fromarray(s.mask, mode="P")
-        png.putpalette(palette)
-        png.save(root / "SegmentationClass" / f"{name}.png")
+        label_image(s.mask).save(root / "SegmentationClass" / f"{name}.png")
         ids.append(name)
         records.append({"image_id": name, "split": split, "labels": list(s.labels),
                         "background": SHAPES_BACKGROUND[s.background], "caption": s.caption})

@@ -3,17 +3,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import cache_fakes as fk  # noqa: E402
+from tests.cache import cache_fakes as fk
 
-from pipeline.cache.fingerprint import (checkpoint_identity, diff, fingerprint_from_config,  # noqa: E402
+from pipeline.cache.fingerprint import (checkpoint_identity, diff, fingerprint_from_config,
                                         make_fingerprint)
-from pipeline.config import preset  # noqa: E402
+from pipeline.config import preset
 
 
 def test_digest_is_sha256_of_sorted_json_and_order_free():

@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import cache_fakes as fk  # noqa: E402
+from tests.cache import cache_fakes as fk
 
-from pipeline.cache.schema import ARRAY_NAMES  # noqa: E402
-from pipeline.cache.store import CacheWriter  # noqa: E402
-from stages import inspect  # noqa: E402
+from pipeline.cache.schema import ARRAY_NAMES
+from pipeline.cache.store import CacheWriter
+from stages import inspect
 
 
 def test_inspect_small_cache(tmp_path):

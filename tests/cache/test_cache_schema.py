@@ -1,7 +1,6 @@
 """Cache schema: shapes, shard plan, compressor names, dtype casts (bfloat16 against torch)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +8,9 @@ import pytest
 import torch
 from zarr.codecs import BloscCodec, ZstdCodec
 
-sys.path.insert(0, str(Path(__file__).parent))
-import cache_fakes as fk  # noqa: E402
+from tests.cache import cache_fakes as fk
 
-from pipeline.cache.schema import (ARRAY_NAMES, CacheSpec, bfloat16_bits, bfloat16_to_float32,  # noqa: E402
+from pipeline.cache.schema import (ARRAY_NAMES, CacheSpec, bfloat16_bits, bfloat16_to_float32,
                                    compressor_codecs)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import sys
 import uuid
 from pathlib import Path
 
@@ -14,11 +13,10 @@ import torch
 import zarr
 from zarr.storage import LocalStore, MemoryStore
 
-sys.path.insert(0, str(Path(__file__).parent))
-import cache_fakes as fk  # noqa: E402
+from tests.cache import cache_fakes as fk
 
-from pipeline.cache.schema import ARRAY_NAMES, commit_key  # noqa: E402
-from pipeline.cache.store import CacheReader, CacheWriter, FingerprintMismatch, NotACache  # noqa: E402
+from pipeline.cache.schema import ARRAY_NAMES, commit_key
+from pipeline.cache.store import CacheReader, CacheWriter, FingerprintMismatch, NotACache
 
 
 def expected(spec, rows: list[int]) -> dict[str, np.ndarray]:

@@ -1,6 +1,4 @@
 """Tiny on-disk dataset trees in the real layouts (VOC, COCO, folder), built from generated pixels.
-
-Imported by path from the data and stage tests (tests/ has no __init__.py).
 """
 from __future__ import annotations
 

@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import data_fakes as fk  # noqa: E402
+from tests.data import data_fakes as fk
 
-from pipeline.data.coco import category_map, mask_name, read_coco  # noqa: E402
-from pipeline.data.manifest import validate  # noqa: E402
-from pipeline.text import COCO_CLASSES  # noqa: E402
+from pipeline.data.coco import category_map, mask_name, read_coco
+from pipeline.data.manifest import validate
+from pipeline.model.text import COCO_CLASSES
 
 OURS = {c["id"]: COCO_CLASSES.index(n) for c, n in zip(fk.COCO_CATEGORIES, [
     "person", "motorbike", "aeroplane", "sofa", "pottedplant", "diningtable", "tvmonitor", "toothbrush"])}

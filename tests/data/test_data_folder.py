@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import data_fakes as fk  # noqa: E402
+from tests.data import data_fakes as fk
 
-from pipeline.data.folder import load_class_names, parse_labels, read_folder  # noqa: E402
-from pipeline.data.manifest import validate  # noqa: E402
+from pipeline.data.folder import load_class_names, parse_labels, read_folder
+from pipeline.data.manifest import validate
 
 NAMES = ("cat", "dog", "traffic light", "tree")
 

@@ -1,17 +1,15 @@
 """Image and mask decoding: formats sniffed by content, every colour mode to RGB, broken files named."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
-import data_fakes as fk  # noqa: E402
+from tests.data import data_fakes as fk
 
-from pipeline.data.images import ImageDecodeError, check_image, load_mask, load_rgb  # noqa: E402
+from pipeline.data.images import ImageDecodeError, check_image, load_mask, load_rgb
 
 
 def test_png_named_jpg_is_sniffed_and_lossless(tmp_path):

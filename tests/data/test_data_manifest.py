@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import data_fakes as fk  # noqa: E402
+from tests.data import data_fakes as fk
 
-from pipeline.data.manifest import (Candidate, ManifestRow, Reject, arrow_schema, mask_labels, read_id_list,  # noqa: E402
+from pipeline.data.manifest import (Candidate, ManifestRow, Reject, arrow_schema, mask_labels, read_id_list,
                                     read_manifest, read_rejects, rejects_path, schema_spec, validate,
                                     write_manifest, write_rejects)
 

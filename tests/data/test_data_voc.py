@@ -1,18 +1,16 @@
 """VOC reader on a tiny fake VOC tree: labels from mask (WeCLIP) vs XML (CLIP-ES), layouts, rejects."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
-import data_fakes as fk  # noqa: E402
+from tests.data import data_fakes as fk
 
-from pipeline.data.manifest import validate  # noqa: E402
-from pipeline.data.voc import read_voc  # noqa: E402
-from pipeline.text import VOC_CLASSES  # noqa: E402
+from pipeline.data.manifest import validate
+from pipeline.data.voc import read_voc
+from pipeline.model.text import VOC_CLASSES
 
 CAT, DOG, PERSON = VOC_CLASSES.index("cat"), VOC_CLASSES.index("dog"), VOC_CLASSES.index("person")
 

@@ -1,25 +1,23 @@
 """Shared pieces of the evaluate / infer / pseudo tests: a tiny fake VOC tree with its manifest, the tiny-ViT config
-and a checkpoint holding a random (untrained) decoder. Imported by path (tests/ has no __init__.py)."""
+and a checkpoint holding a random (untrained) decoder."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
-import data_fakes as fk  # noqa: E402
+from tests.data import data_fakes as fk
 
-from pipeline.cache.fingerprint import fingerprint_from_config  # noqa: E402
-from pipeline.checkpoint import save_checkpoint  # noqa: E402
-from pipeline.config import Config  # noqa: E402
-from pipeline.data.manifest import read_manifest  # noqa: E402
-from pipeline.decoder import WeCLIPDecoder  # noqa: E402
-from pipeline.extract_worker import all_prompts, load_backbone  # noqa: E402
-from pipeline.optim import PolyWarmup, build_optimizer  # noqa: E402
-from pipeline.text import class_set  # noqa: E402
-from stages import manifest as manifest_stage  # noqa: E402
+from pipeline.cache.fingerprint import fingerprint_from_config
+from pipeline.training.checkpoint import save_checkpoint
+from pipeline.config import Config
+from pipeline.data.manifest import read_manifest
+from pipeline.model.decoder import WeCLIPDecoder
+from pipeline.extract.worker import all_prompts, load_backbone
+from pipeline.training.optim import PolyWarmup, build_optimizer
+from pipeline.model.text import class_set
+from stages import manifest as manifest_stage
 
 TESTS = Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(TESTS / "tiny-vit.json")  # 3 blocks, width 64, patch 16
@@ -37,7 +35,7 @@ def tiny_config(**sections: Any) -> Config:
         refine={"static_layers": 3, "rfm_layers": 2},
         par={"num_iter": 3, "dilations": [1, 2]},
         decoder={"embed_dim": 32, "layers": 1, "heads": 2, "mlp_dim": 64},
-        eval={"long_side": 64, "workers": 2},
+        eval={"long_side": 64, "crf_workers": 2},
     ).replace(**sections)
 
 

@@ -1,23 +1,20 @@
 """Shared pieces of the extract-stage tests: a tiny VOC-like tree and its manifest, the tiny-ViT config, checksums of
-a finished cache, and a way to make a worker process SIGKILL itself inside a shard. Imported by path (tests/ has no
-__init__.py)."""
+a finished cache, and a way to make a worker process SIGKILL itself inside a shard."""
 from __future__ import annotations
 
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
-import data_fakes as fk  # noqa: E402
+from tests.data import data_fakes as fk
 
-from pipeline.cache import store  # noqa: E402
-from pipeline.cache.store import CacheReader  # noqa: E402
-from pipeline.config import Config  # noqa: E402
-from stages import manifest as manifest_stage  # noqa: E402
+from pipeline.cache import store
+from pipeline.cache.store import CacheReader
+from pipeline.config import Config
+from stages import manifest as manifest_stage
 
 TESTS = Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(TESTS / "tiny-vit.json")  # 3 blocks, width 64, patch 16

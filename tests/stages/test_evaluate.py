@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,19 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
-import eval_fakes as ef  # noqa: E402
+from tests.stages import eval_fakes as ef
 
-from pipeline.augment import normalise  # noqa: E402
-from pipeline.checkpoint import build_decoder_from_checkpoint, load_checkpoint  # noqa: E402
-from pipeline.config import WECLIP_CRF  # noqa: E402
-from pipeline.crf import dense_crf  # noqa: E402
-from pipeline.data.images import load_mask, load_rgb  # noqa: E402
-from pipeline.data.manifest import read_manifest, write_manifest  # noqa: E402
-from pipeline.extract_worker import load_backbone  # noqa: E402
-from pipeline.inference import msc_flip_logits, segment_fn  # noqa: E402
-from pipeline.palette import VOC_COLORMAP  # noqa: E402
-from stages import evaluate  # noqa: E402
+from pipeline.data.augment import normalise
+from pipeline.training.checkpoint import build_decoder_from_checkpoint, load_checkpoint
+from pipeline.config import WECLIP_CRF
+from pipeline.refinement.crf import dense_crf
+from pipeline.data.images import load_mask, load_rgb
+from pipeline.data.manifest import read_manifest, write_manifest
+from pipeline.extract.worker import load_backbone
+from pipeline.inference.segment import msc_flip_logits, segment_fn
+from pipeline.palette import VOC_COLORMAP
+from stages import evaluate
 
 
 @pytest.fixture(scope="module")

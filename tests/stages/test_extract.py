@@ -4,26 +4,24 @@ Ray: test_extract_ray.py; killed workers and unreadable images: test_extract_fau
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import extract_fakes as xf  # noqa: E402
+from tests.stages import extract_fakes as xf
 
-from conftest import build_tiny_backbone  # noqa: E402
-from pipeline.augment import ViewParams, apply_view, draw_view, normalise, valid_mask  # noqa: E402
-from pipeline.cache.schema import commit_key  # noqa: E402
-from pipeline.cache.store import CacheReader, FingerprintMismatch  # noqa: E402
-from pipeline.cam import softmax_gradcam  # noqa: E402
-from pipeline.data.images import load_rgb  # noqa: E402
-from pipeline.data.manifest import read_manifest  # noqa: E402
-from pipeline.extract_worker import make_plan  # noqa: E402
-from pipeline.text import class_set, text_embeddings  # noqa: E402
-from stages import extract  # noqa: E402
+from tests.conftest import build_tiny_backbone
+from pipeline.data.augment import ViewParams, apply_view, draw_view, normalise, valid_mask
+from pipeline.cache.schema import commit_key
+from pipeline.cache.store import CacheReader, FingerprintMismatch
+from pipeline.model.cam import softmax_gradcam
+from pipeline.data.images import load_rgb
+from pipeline.data.manifest import read_manifest
+from pipeline.extract.worker import make_plan
+from pipeline.model.text import class_set, text_embeddings
+from stages import extract
 
 CFG = xf.tiny_config()
 

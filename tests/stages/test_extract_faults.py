@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import extract_fakes as xf  # noqa: E402
+from tests.stages import extract_fakes as xf
 
-from pipeline.cache.schema import commit_key  # noqa: E402
-from pipeline.cache.store import CacheReader  # noqa: E402
-from stages import extract  # noqa: E402
+from pipeline.cache.schema import commit_key
+from pipeline.cache.store import CacheReader
+from stages import extract
 
 CFG = xf.tiny_config()
 KILLED_SHARD = 2
@@ -28,7 +27,7 @@ BROKEN = {"c": "image_corrupt", "e": "image_empty", "f": "image_missing"}
 # The inline extract in a child process that SIGKILLs itself inside shard KILLED_SHARD (extract_fakes.die_inside_shard).
 CHILD = r"""
 import json, sys
-import extract_fakes as xf
+from tests.stages import extract_fakes as xf
 from pipeline.config import Config
 from stages import extract
 
@@ -73,9 +72,8 @@ def test_sigkill_inside_a_shard_then_resume_equals_uninterrupted_run(broken_data
     manifest, reference = broken_dataset
     out = tmp_path / "cache"
     args = {"cfg": CFG.to_dict(), "manifest": str(manifest), "out": str(out), "shard": KILLED_SHARD, "point": point}
-    path = os.pathsep.join([str(xf.TESTS.parent), str(xf.TESTS / "stages")])
     child = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], cwd=xf.TESTS.parent,
-                           env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, timeout=300)
+                           env={**os.environ, "PYTHONPATH": str(xf.TESTS.parent)}, capture_output=True, text=True, timeout=300)
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     assert (out / "attn" / "c" / str(KILLED_SHARD)).exists()  # the dead shard left arrays behind ...
     assert not (out / commit_key(KILLED_SHARD)).exists()  # ... but no commit

@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import extract_fakes as xf  # noqa: E402
+from tests.stages import extract_fakes as xf
 
-from stages import extract  # noqa: E402
+from stages import extract
 
 
 def test_local_ray_matches_inline(tmp_path):
@@ -43,9 +41,8 @@ def test_ray_retries_a_shard_whose_worker_was_killed(tmp_path):
     marker = tmp_path / "a-worker-died"
     kwargs = extract.ray_init_kwargs(None)
     env = kwargs["runtime_env"]["env_vars"]
-    env["PYTHONPATH"] += os.pathsep + str(xf.TESTS / "stages")
     env[xf.DIE_ENV] = f"1:after_some_arrays:{marker}"
-    kwargs["runtime_env"]["worker_process_setup_hook"] = "extract_fakes.ray_worker_setup"
+    kwargs["runtime_env"]["worker_process_setup_hook"] = "tests.stages.extract_fakes.ray_worker_setup"
     ray.init(**kwargs)
     try:
         summary = extract.run(cfg, manifest, tmp_path / "ray", executor="ray", progress=False,

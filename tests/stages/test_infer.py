@@ -3,19 +3,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
-import eval_fakes as ef  # noqa: E402
+from tests.stages import eval_fakes as ef
 
-from pipeline.data.images import load_rgb  # noqa: E402
-from pipeline.palette import VOC_COLORMAP  # noqa: E402
-from stages import evaluate, infer  # noqa: E402
+from pipeline.data.images import load_rgb
+from pipeline.palette import VOC_COLORMAP
+from stages import evaluate, infer
 
 
 @pytest.fixture(scope="module")

@@ -2,20 +2,18 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))  # tests/ has no __init__.py
-import data_fakes as fk  # noqa: E402
+from tests.data import data_fakes as fk
 
-from pipeline.config import ManifestConfig  # noqa: E402
-from pipeline.data.manifest import read_manifest, read_rejects  # noqa: E402
-from pipeline.text import COCO_CLASSES, VOC_CLASSES, class_set  # noqa: E402
-from stages.manifest import run  # noqa: E402
+from pipeline.config import ManifestConfig
+from pipeline.data.manifest import read_manifest, read_rejects
+from pipeline.model.text import COCO_CLASSES, VOC_CLASSES, class_set
+from stages.manifest import run
 
-CFG = ManifestConfig(workers=2)
+CFG = ManifestConfig(decode_threads=2)
 
 
 def test_voc_end_to_end(tmp_path):

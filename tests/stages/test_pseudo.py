@@ -1,7 +1,6 @@
 """stages/pseudo.py on a tiny fake VOC tree: CLIP-ES masks (CAM → CAA → CRF → CGL 255) and WeCLIP predictions."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,18 +8,17 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
-import eval_fakes as ef  # noqa: E402
+from tests.stages import eval_fakes as ef
 
-from pipeline.augment import normalise  # noqa: E402
-from pipeline.crf import clipes_crf_image, dense_crf  # noqa: E402
-from pipeline.data.images import load_mask, load_rgb  # noqa: E402
-from pipeline.data.manifest import read_manifest  # noqa: E402
-from pipeline.extract_worker import load_backbone  # noqa: E402
-from pipeline.inference import clipes_cam_scores, clipes_input  # noqa: E402
-from pipeline.palette import VOC_COLORMAP  # noqa: E402
-from pipeline.text import class_set, text_embeddings  # noqa: E402
-from stages import evaluate, pseudo  # noqa: E402
+from pipeline.data.augment import normalise
+from pipeline.refinement.crf import clipes_crf_image, dense_crf
+from pipeline.data.images import load_mask, load_rgb
+from pipeline.data.manifest import read_manifest
+from pipeline.extract.worker import load_backbone
+from pipeline.inference.segment import clipes_cam_scores, clipes_input
+from pipeline.palette import VOC_COLORMAP
+from pipeline.model.text import class_set, text_embeddings
+from stages import evaluate, pseudo
 
 
 @pytest.fixture(scope="module")

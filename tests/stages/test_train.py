@@ -11,10 +11,10 @@ import torch
 
 from pipeline.cache.schema import CacheSpec
 from pipeline.cache.store import CacheReader, CacheWriter, NotACache
-from pipeline.checkpoint import build_decoder_from_checkpoint, load_checkpoint
+from pipeline.training.checkpoint import build_decoder_from_checkpoint, load_checkpoint
 from pipeline.config import Config, preset
 from pipeline.data.shapes import generate
-from pipeline.text import SHAPES_CLASSES
+from pipeline.model.text import SHAPES_CLASSES
 from stages import extract, manifest, train
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "tiny-vit.json"
@@ -31,7 +31,7 @@ def tiny_config(**sections) -> Config:
         refine={"static_layers": 3, "rfm_layers": 2, "rfm_start_iter": 2},
         par={"num_iter": 3, "dilations": [1, 2, 4]},
         decoder={"embed_dim": 32, "layers": 1, "heads": 2, "mlp_dim": 64},
-        train={"iterations": 40, "batch_size": 2, "checkpoint_every": 2, "workers": 0, "warmup_iters": 2})
+        train={"iterations": 40, "batch_size": 2, "checkpoint_every": 2, "loader_workers": 0, "warmup_iters": 2})
     return cfg.replace(**sections)
 
 
@@ -79,7 +79,7 @@ def test_kill_and_resume_gives_the_uninterrupted_curve(world, uninterrupted):
     train.run(cfg, world["cache"], out, max_steps=3, progress=False)
     # a kill after step 3 was logged but before its checkpoint: the latest checkpoint is the one of step 2
     shutil.copyfile(out / "step_000002.pt", out / "checkpoint.pt")
-    summary = train.run(cfg.replace(train={"workers": 1}), world["cache"], out, resume=True, max_steps=6,
+    summary = train.run(cfg.replace(train={"loader_workers": 1}), world["cache"], out, resume=True, max_steps=6,
                         progress=False)
     assert summary.start_step == 2 and summary.final_step == 6 and summary.steps_run == 4
     full = trajectory(uninterrupted["out"])

@@ -22,14 +22,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.backbone import FrozenCLIP
-from pipeline.cam import softmax_gradcam
+from pipeline.model.backbone import FrozenCLIP
+from pipeline.model.cam import softmax_gradcam
 from pipeline.config import Config, EvalConfig, RefineConfig
-from pipeline.decoder import WeCLIPDecoder
-from pipeline.par import PAR
-from pipeline.pseudo_label import online_pseudo_label
-from pipeline.refine import cam_scores, refine_cams, rfm_affinity, static_affinity, upsample_cams
-from pipeline.text import TextEmbeddings
+from pipeline.model.decoder import WeCLIPDecoder
+from pipeline.refinement.par import PAR
+from pipeline.refinement.pseudo_label import online_pseudo_label
+from pipeline.refinement.refine import cam_scores, refine_cams, rfm_affinity, static_affinity, upsample_cams
+from pipeline.model.text import TextEmbeddings
 
 # A normalised batch B×3×H×W → B×C×h×w segmentation logits at patch resolution.
 SegFn = Callable[[torch.Tensor], torch.Tensor]
@@ -120,7 +120,7 @@ def segment_fn(backbone: FrozenCLIP, decoder: WeCLIPDecoder, layers: Sequence[in
 
 def clipes_input(rgb: np.ndarray, patch: int) -> np.ndarray:
     """CLIP-ES's input size (§5.1, §9 row 22): PIL bicubic resize of H×W×3 uint8 to ceil(H/p)·p × ceil(W/p)·p
-    (unchanged when already multiples). Normalisation is separate (`pipeline.augment.normalise`)."""
+    (unchanged when already multiples). Normalisation is separate (`pipeline.data.augment.normalise`)."""
     height, width = rgb.shape[:2]
     size = (math.ceil(height / patch) * patch, math.ceil(width / patch) * patch)
     if size == (height, width):

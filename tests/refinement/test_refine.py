@@ -1,4 +1,4 @@
-"""Tests of pipeline/refine.py against hand computations and direct, loop-based re-implementations."""
+"""Tests of pipeline/refinement/refine.py against hand computations and direct, loop-based re-implementations."""
 from __future__ import annotations
 
 from collections import deque
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import RefineConfig
-from pipeline.refine import (box_masks, cam_keys, cam_scores, cams_to_labels, minmax, refine_cams,
+from pipeline.refinement.refine import (box_masks, cam_keys, cam_scores, cams_to_labels, minmax, refine_cams,
                              rfm_affinity, rfm_layer_mask, scores_to_labels, sinkhorn, static_affinity,
                              transition, upsample_cams)
 

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ParConfig, RefineConfig
-from pipeline.par import PAR
-from pipeline.pseudo_label import online_pseudo_label, rfm_active
-from pipeline.refine import box_masks
+from pipeline.refinement.par import PAR
+from pipeline.refinement.pseudo_label import online_pseudo_label, rfm_active
+from pipeline.refinement.refine import box_masks
 
 REFINE = RefineConfig(static_layers=3, rfm_layers=3, box_threshold=0.4, rfm_start_iter=7)
 PAR_CFG = ParConfig(num_iter=4, dilations=(1, 2, 4))

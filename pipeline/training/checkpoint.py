@@ -8,15 +8,15 @@ constructor arguments are stored next to its state dict, so evaluation rebuilds 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipeline.files import atomic_write
 from pipeline.config import Config
-from pipeline.decoder import WeCLIPDecoder
+from pipeline.model.decoder import WeCLIPDecoder
 
 FORMAT_TAG = "weclip-checkpoint"
 FORMAT_VERSION = 1
@@ -65,16 +65,7 @@ def save_checkpoint(path: str | Path, *, decoder: WeCLIPDecoder, optimizer: torc
         "config": config.to_dict(), "fingerprint": dict(fingerprint), "class_names": list(class_names),
         "rng_state": rng_state,
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp), fsync=True)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:

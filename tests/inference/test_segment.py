@@ -1,4 +1,4 @@
-"""pipeline/inference.py: multi-scale + flip merging, the patch-grid floor, segment_fn, CLIP-ES inputs and scores."""
+"""pipeline/inference/segment.py: multi-scale + flip merging, the patch-grid floor, segment_fn, CLIP-ES inputs and scores."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.backbone import block_forward
+from pipeline.model.backbone import block_forward
 from pipeline.config import EvalConfig, RefineConfig
-from pipeline.decoder import DecoderConfig, WeCLIPDecoder
-from pipeline.inference import (clipes_cam_scores, clipes_input, floor_to_patches, msc_flip_logits,
+from pipeline.model.decoder import DecoderConfig, WeCLIPDecoder
+from pipeline.inference.segment import (clipes_cam_scores, clipes_input, floor_to_patches, msc_flip_logits,
                                 resize_long_side, segment_fn)
-from pipeline.text import TextEmbeddings
+from pipeline.model.text import TextEmbeddings
 
 H, W = 50, 37  # neither a multiple of 16
 

@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
+from pipeline.files import sha256_file
+
 Precision = Literal["fp32", "bf16", "fp16"]
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"
 _REGISTERED: set[Path] = set()
 # Entries OpenAI's TorchScript archives carry next to the weights (open_clip drops them the same way).
 _TORCHSCRIPT_META_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -64,14 +66,6 @@ class FrozenFeatures:
     grid: tuple[int, int]
     token_layers: tuple[int, ...]
     attn_layers: tuple[int, ...]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _weights_digest(model: nn.Module) -> str:

@@ -1,13 +1,13 @@
-"""pipeline/checkpoint.py: round trip, atomic writes, readable errors."""
+"""pipeline/training/checkpoint.py: round trip, atomic writes, readable errors."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline.checkpoint import CheckpointError, build_decoder_from_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.training.checkpoint import CheckpointError, build_decoder_from_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.config import preset
-from pipeline.decoder import WeCLIPDecoder
-from pipeline.optim import PolyWarmup, build_optimizer
+from pipeline.model.decoder import WeCLIPDecoder
+from pipeline.training.optim import PolyWarmup, build_optimizer
 
 CFG = preset("coco").replace(decoder={"embed_dim": 16, "layers": 1, "heads": 2, "mlp_dim": 32},
                              train={"iterations": 10})

@@ -1,4 +1,4 @@
-"""Tests of pipeline/crf.py: DenseCRF on a synthetic image, the CLIP-ES image quirk, label helpers."""
+"""Tests of pipeline/refinement/crf.py: DenseCRF on a synthetic image, the CLIP-ES image quirk, label helpers."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 from scipy import ndimage
 
 from pipeline.config import CLIPES_CRF, IGNORE_INDEX, WECLIP_CRF
-from pipeline.crf import clipes_crf_image, crf_labels, dense_crf
+from pipeline.refinement.crf import clipes_crf_image, crf_labels, dense_crf
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

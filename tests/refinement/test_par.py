@@ -1,4 +1,4 @@
-"""Tests of pipeline/par.py against a direct per-pixel implementation of the §6.6 formula."""
+"""Tests of pipeline/refinement/par.py against a direct per-pixel implementation of the §6.6 formula."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ParConfig
-from pipeline.par import PAR, neighbour_offsets
+from pipeline.refinement.par import PAR, neighbour_offsets
 
 
 def _par_reference(image: np.ndarray, masks: np.ndarray, dilations, num_iter, w1, w2) -> np.ndarray:

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import RefineConfig
-from pipeline.par import PAR
-from pipeline.refine import cam_scores, refine_cams, rfm_affinity, scores_to_labels, static_affinity, upsample_cams
+from pipeline.refinement.par import PAR
+from pipeline.refinement.refine import cam_scores, refine_cams, rfm_affinity, scores_to_labels, static_affinity, upsample_cams
 
 
 def rfm_active(step: int, refine: RefineConfig) -> bool:

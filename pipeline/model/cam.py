@@ -15,8 +15,8 @@ from typing import Sequence
 
 import torch
 
-from pipeline.backbone import FrozenCLIP, FrozenFeatures
-from pipeline.text import TextEmbeddings
+from pipeline.model.backbone import FrozenCLIP, FrozenFeatures
+from pipeline.model.text import TextEmbeddings
 
 # `scale_cam_image` of pytorch_grad_cam: (x - min) / (max + 1e-7), ALGORITHM.md §4 step 4.
 CAM_EPS = 1e-7

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainConfig
-from pipeline.optim import PolyWarmup, build_optimizer, lr_at
+from pipeline.training.optim import PolyWarmup, build_optimizer, lr_at
 
 VOC = TrainConfig()  # lr 2e-3, 50 warm-up iterations, 30k iterations, power 1
 

@@ -12,7 +12,7 @@ from PIL import Image
 from pipeline.config import preset
 from pipeline.data import shapes
 from pipeline.data.images import load_mask, load_rgb
-from pipeline.text import SHAPES_CLASSES, class_set, prompts
+from pipeline.model.text import SHAPES_CLASSES, class_set, prompts
 
 TEMPLATE = preset("shapes").text.template
 

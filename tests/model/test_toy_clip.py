@@ -11,14 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.backbone import MODEL_CONFIG_DIR, FrozenCLIP, register_model_configs, sha256_file
+from pipeline.files import sha256_file
+from pipeline.model.backbone import MODEL_CONFIG_DIR, FrozenCLIP, register_model_configs
 from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, preset
 from pipeline.data import shapes
-from pipeline.text import class_set, prompts
+from pipeline.model.text import class_set, prompts
 from stages import toy_clip
 from stages.toy_clip import CaptionSpec, ToyClipRecipe
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]
 CHECKPOINT = Path(preset("shapes").model.pretrained)
 
 

@@ -17,16 +17,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from pipeline.augment import ViewParams, apply_view, draw_view, normalise, valid_mask
-from pipeline.backbone import FrozenCLIP, register_model_configs
+from pipeline.data.augment import ViewParams, apply_view, draw_view, normalise, valid_mask
+from pipeline.model.backbone import FrozenCLIP, register_model_configs
 from pipeline.cache.fingerprint import fingerprint_from_config
 from pipeline.cache.schema import CacheSpec
 from pipeline.cache.store import CacheWriter
-from pipeline.cam import softmax_gradcam
+from pipeline.model.cam import softmax_gradcam
 from pipeline.config import Config, ExtractConfig, ModelConfig
 from pipeline.data.images import ImageDecodeError, load_manifest_rgb
 from pipeline.data.manifest import Manifest
-from pipeline.text import TextEmbeddings, class_set, prompts, text_embeddings
+from pipeline.model.text import TextEmbeddings, class_set, prompts, text_embeddings
 
 
 @dataclass(frozen=True)

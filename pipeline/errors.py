@@ -1,0 +1,31 @@
+"""One family for every error weclip raises on purpose.
+
+The CLI prints a `WeclipError` as one `error: <message>` line and exits 2 (`--debug` shows the traceback); any
+other exception is a bug and keeps its traceback. Each class also derives from the builtin it replaces, so code
+that caught `ValueError` or `RuntimeError` before still catches it.
+"""
+from __future__ import annotations
+
+
+class WeclipError(Exception):
+    """Base of the errors raised on purpose: the message names the bad input and the fix."""
+
+
+class ConfigError(WeclipError, ValueError):
+    """A config field has a wrong type, value or combination."""
+
+
+class DataError(WeclipError, ValueError):
+    """A dataset, manifest, list file or image cannot be used as given."""
+
+
+class StorageError(WeclipError, OSError):
+    """A file, folder or URL cannot be read or written as asked (missing, read-only, of the wrong kind)."""
+
+
+class BackboneError(WeclipError, ValueError):
+    """The frozen backbone cannot be loaded or does not fit the request (weights, layers, patch size)."""
+
+
+class ExtractError(WeclipError, RuntimeError):
+    """An extraction run cannot start or a shard failed."""

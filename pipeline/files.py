@@ -1,0 +1,51 @@
+"""Local files and fsspec URLs: atomic writes, content digests, and telling a URL from a path."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable
+
+
+def is_url(location: str | Path) -> bool:
+    """True for an fsspec URL other than file:// (s3://, gs://, memory://, ...)."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def local_path(location: str | Path) -> Path:
+    """A local path or file:// URL as a Path (callers check `is_url` first)."""
+    return Path(str(location).removeprefix("file://"))
+
+
+def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object], fsync: bool = False) -> Path:
+    """Create `path` by calling `write(tmp)` on a temporary name in the same folder, then renaming it over `path`.
+
+    A crash leaves either the old file or the new one, never a half-written one; the temporary file is removed when
+    `write` fails. `fsync` flushes the bytes to disk before the rename (for files a resume depends on)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """`atomic_write` of a UTF-8 text."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
