@@ -29,3 +29,27 @@ class BackboneError(WeclipError, ValueError):
 
 class ExtractError(WeclipError, RuntimeError):
     """An extraction run cannot start or a shard failed."""
+
+
+class CacheError(WeclipError, ValueError):
+    """A feature cache is missing, damaged, incomplete, or was made with other settings."""
+
+
+class CheckpointError(WeclipError, ValueError):
+    """A checkpoint file is missing, damaged or of another format."""
+
+
+class TrainError(WeclipError, ValueError):
+    """The training inputs (cache, checkpoint, output folder, config) cannot be used as asked."""
+
+
+class EvalError(WeclipError, ValueError):
+    """The evaluation inputs (checkpoint, manifest, images) cannot be used as asked."""
+
+
+class InferError(WeclipError, ValueError):
+    """The input or output folder of `weclip infer` cannot be used as asked."""
+
+
+class CrfError(WeclipError, RuntimeError):
+    """The DenseCRF of an image failed on every attempt; the message names the image."""
