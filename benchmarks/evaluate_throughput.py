@@ -36,9 +36,10 @@ from pipeline.training.checkpoint import Checkpoint  # noqa: E402
 from pipeline.config import EvalConfig, preset  # noqa: E402
 from pipeline.data.shapes import sample  # noqa: E402
 from pipeline.model.decoder import WeCLIPDecoder  # noqa: E402
-from pipeline.extract.worker import load_backbone  # noqa: E402
+from pipeline.model.backbone import load_backbone  # noqa: E402
 from pipeline.inference.segment import segment_fn  # noqa: E402
-from stages.evaluate import CrfJob, CrfPool, Predictor, crf_job, labelled  # noqa: E402
+from pipeline.inference.crf_pool import CrfJob, CrfPool, crf_job, labelled  # noqa: E402
+from pipeline.inference.predict import Predictor  # noqa: E402
 
 NUM_CLASSES = 21  # VOC: background + 20
 

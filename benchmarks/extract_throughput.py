@@ -35,8 +35,9 @@ from pipeline.data.augment import normalise
 from pipeline.model.backbone import FrozenCLIP
 from pipeline.cache.store import CacheWriter
 from pipeline.config import Config
-from pipeline.extract.worker import (ExtractJob, ExtractPlan, PlannedImage, ShardData, cache_layout, extract_shard,
-                                     load_backbone, run_shard)
+from pipeline.extract.plan import ExtractPlan, PlannedImage, cache_layout
+from pipeline.extract.worker import ExtractJob, ShardData, extract_shard, run_shard
+from pipeline.model.backbone import load_backbone
 from pipeline.model.text import TextEmbeddings, class_set, text_embeddings
 
 

@@ -42,6 +42,8 @@ from pipeline.model.decoder import WeCLIPDecoder
 from pipeline.training.optim import PolyWarmup, build_optimizer
 from pipeline.refinement.par import PAR
 from pipeline.refinement.pseudo_label import rfm_active
+from pipeline.training import sources
+from pipeline.training.step import train_step
 from stages import extract, manifest, train
 
 
@@ -113,8 +115,8 @@ def interleaved_seconds(cfg: Config, cache: Path, manifest_path: Path, rounds: i
                         ) -> dict[str, list[float]]:
     """Seconds of (fetch + prepare + `train_step`) per step for each source, alternating cached and online steps
     so that both see the same machine load (the CPU here is shared); round 0 is a warm-up and is dropped."""
-    sources = {"cached": train.CachedSource(cfg, cache, device),
-               "online": train.OnlineSource(cfg, manifest_path, device)}
+    sources = {"cached": sources.CachedSource(cfg, cache, device),
+               "online": sources.OnlineSource(cfg, manifest_path, device)}
     state = {}
     for name, source in sources.items():
         torch.manual_seed(cfg.train.seed)
@@ -129,7 +131,7 @@ def interleaved_seconds(cfg: Config, cache: Path, manifest_path: Path, rounds: i
             _sync(device)
             start = time.perf_counter()
             batch = source.prepare(default_convert(dataset[step]))
-            train.train_step(decoder, optimizer, scheduler, par, batch, step, cfg)
+            train_step(decoder, optimizer, scheduler, par, batch, step, cfg)
             _sync(device)
             if step:
                 seconds[name].append(time.perf_counter() - start)

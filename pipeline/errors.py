@@ -53,3 +53,7 @@ class InferError(WeclipError, ValueError):
 
 class CrfError(WeclipError, RuntimeError):
     """The DenseCRF of an image failed on every attempt; the message names the image."""
+
+
+class MissingFile(StorageError, FileNotFoundError):
+    """A file or folder the command needs does not exist; the message names it."""

@@ -1,6 +1,6 @@
 """Stage `extract`: run the frozen CLIP once per planned training view and store the feature cache (DESIGN.md §3).
 
-The driver reads the manifest, builds the plan (pipeline/extract/worker.py), loads the backbone once to learn its
+The driver reads the manifest, builds the plan (pipeline/extract/plan.py), loads the backbone once to learn its
 identity and shapes, fingerprints the run, creates (or reopens, to resume) the cache, and then runs every shard
 that has no commit record yet — in this process (`executor="inline"`) or as Ray tasks (`executor="ray"`). Each Ray
 worker process loads the model once and reuses it for all its shards; a task whose worker dies is retried
@@ -22,9 +22,12 @@ from tqdm import tqdm
 from pipeline.cache.store import CacheWriter
 from pipeline.config import Config
 from pipeline.data.manifest import read_manifest
-from pipeline.extract.worker import (ExtractJob, ShardOutcome, ShardTask, cache_layout, load_backbone, make_plan,
-                                     run_shard)
-from pipeline.model.text import class_set
+from pipeline.errors import ConfigError, ExtractError
+from pipeline.extract.plan import ShardTask, cache_layout, make_plan
+from pipeline.extract.worker import ExtractJob, ShardOutcome, run_shard
+from pipeline.files import is_url, local_path
+from pipeline.model.backbone import load_backbone
+from pipeline.model.text import class_set, require_classes
 
 Executor = Literal["ray", "inline"]
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -85,15 +88,14 @@ def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Execu
     Raises FingerprintMismatch when `out` holds a cache made with other settings.
     """
     if executor not in ("ray", "inline"):
-        raise ValueError(f"executor must be 'ray' or 'inline', got {executor!r}")
+        raise ConfigError(f"executor must be 'ray' or 'inline', got {executor!r}")
     started = time.perf_counter()
     manifest = read_manifest(manifest_path)
-    classes = class_set(cfg.text.classes)
-    if manifest.class_names != classes.classes:
-        raise ValueError(f"manifest {manifest_path} has the classes of dataset {manifest.dataset!r}, not those of "
-                         f"text class set {cfg.text.classes!r}; use the matching preset (--preset {manifest.dataset})")
+    require_classes(manifest.class_names, f"manifest {manifest_path}, which holds the classes of dataset "
+                    f"{manifest.dataset!r}", class_set(cfg.text.classes).classes,
+                    f"text class set {cfg.text.classes!r}", f"use the matching preset (--preset {manifest.dataset})")
     plan = make_plan(manifest, cfg.extract, limit)
-    configs = tuple(str(Path(p).resolve()) for p in model_configs)
+    configs = tuple(str(Path(p).resolve()) for p in model_configs)  # workers may run in another folder
     device = "cuda" if executor == "inline" and torch.cuda.is_available() else "cpu"
     backbone = load_backbone(cfg.model, device, configs)
     fingerprint, spec = cache_layout(cfg, plan, backbone)
@@ -132,10 +134,7 @@ def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Execu
 
 def _cache_root(out: str | Path) -> str:
     """An fsspec URL as given; a local path made absolute (workers may have another working directory)."""
-    text = str(out)
-    if "://" in text and not text.startswith("file://"):
-        return text
-    return str(Path(text.removeprefix("file://")).resolve())
+    return str(out) if is_url(out) else str(local_path(out).resolve())
 
 
 def _run_ray(job: ExtractJob, tasks: Sequence[ShardTask], address: str | None,
@@ -160,7 +159,7 @@ def _run_ray(job: ExtractJob, tasks: Sequence[ShardTask], address: str | None,
             try:
                 done(ray.get(ready[0]))
             except Exception as err:
-                raise RuntimeError(f"extract shard {shard} of {job.out} failed: {err}\nCommitted shards are kept; "
+                raise ExtractError(f"extract shard {shard} of {job.out} failed: {err}. Committed shards are kept; "
                                    "fix the cause and rerun the same command to resume") from err
     finally:
         if own:

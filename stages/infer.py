@@ -8,7 +8,6 @@ the summary, and every other image is still written.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,17 +17,17 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.config import EvalConfig
+from pipeline.errors import InferError
+from pipeline.files import atomic_write_text
+from pipeline.inference.crf_pool import CrfJob, crf_pool, labelled
+from pipeline.inference.predict import load_predictor
+from pipeline.model.backbone import default_device
 from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.data.manifest import strip_image_suffix
 from pipeline.palette import save_label_png
 from pipeline.visualize import overlay, save_rgb_png
-from stages.evaluate import CrfJob, crf_pool, labelled, load_predictor, resolve_device
 
 FAILURES_NAME, OVERLAY_DIR = "failures.jsonl", "overlays"
-
-
-class InferError(ValueError):
-    """The input folder or output folder cannot be used as asked."""
 
 
 @dataclass(frozen=True)
@@ -85,11 +84,7 @@ def output_names(folder: Path, files: Sequence[Path]) -> dict[Path, str]:
 
 def _write_failures(path: Path, failures: list[dict[str, str]]) -> Path:
     """Always written (empty when nothing failed), so a stale list never survives a rerun."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(f) + "\n" for f in failures))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "".join(json.dumps(f) + "\n" for f in failures))
 
 
 def run(checkpoint: str | Path, images: str | Path, out_dir: str | Path, cfg: EvalConfig | None = None,
@@ -105,7 +100,7 @@ def run(checkpoint: str | Path, images: str | Path, out_dir: str | Path, cfg: Ev
     folder, out_dir = Path(images), Path(out_dir)
     files = list_images(folder, exclude=out_dir)  # outputs written inside the input folder are not inputs
     names = output_names(folder, files)
-    predictor = load_predictor(checkpoint, resolve_device(device), model_configs)
+    predictor = load_predictor(checkpoint, default_device(device), model_configs)
     cfg = predictor.checkpoint.config.eval if cfg is None else cfg
     crf = cfg.crf if crf is None else crf
     failures: list[dict[str, str]] = []

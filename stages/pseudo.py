@@ -11,8 +11,8 @@ Two sources:
 
 Masks are VOC-palette PNGs in `<out>/masks/<image_id>.png`. When the manifest has GT masks, the report scores the
 pseudo masks (mIoU, 255 pixels of the pseudo mask excluded from the score, as CLIP-ES's seed evaluation ignores
-them) and gives the fraction of pixels left at 255. The CRF runs in `stages.evaluate.CrfPool`, so every image gets
-its mask or the run fails naming the image.
+them) and gives the fraction of pixels left at 255. The CRF runs in `pipeline.inference.crf_pool.CrfPool`, so every image
+gets its mask or the run fails naming the image.
 """
 from __future__ import annotations
 
@@ -22,22 +22,19 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from pipeline.data.augment import normalise
-from pipeline.config import Config, IGNORE_INDEX
-from pipeline.refinement.crf import clipes_crf_image
+from pipeline.config import IGNORE_INDEX, Config
 from pipeline.data.manifest import ManifestRow, read_manifest
-from pipeline.extract.worker import load_backbone
-from pipeline.inference.segment import clipes_cam_scores, clipes_input
+from pipeline.errors import ConfigError, EvalError
+from pipeline.inference.crf_pool import CrfJob, crf_pool, labelled
+from pipeline.inference.predict import BACKGROUND, check_classes, clipes_predictor, load_predictor, read_gt, read_rgb
+from pipeline.inference.report import GRID_NAME, REPORT_JSON, REPORT_MD, markdown_report, percent, score_dict, write_reports
 from pipeline.metrics import ConfusionMatrix
+from pipeline.model.backbone import default_device
+from pipeline.model.text import class_set, require_classes
 from pipeline.palette import colorize, save_label_png
-from pipeline.model.text import class_set, text_embeddings
-from pipeline.visualize import GRID_COLUMNS, cam_panels, save_sample_grid
-from stages.evaluate import (BACKGROUND, GRID_NAME, REPORT_JSON, REPORT_MD, CrfJob, EvalError, check_classes, crf_pool,
-                             labelled, load_predictor, markdown_report, percent, read_gt, read_rgb, resolve_device,
-                             score_dict, write_reports)
+from pipeline.visualize import GRID_COLUMNS, save_sample_grid
 
 Source = Literal["clip-es", "weclip"]
 SOURCES: tuple[str, ...] = ("clip-es", "weclip")
@@ -80,27 +77,6 @@ class PseudoReport:
             f"  report {self.report_md}" + (f", grid {self.visualization}" if self.visualization else "")])
 
 
-def _clipes_predictor(cfg: Config, device: torch.device, model_configs: Sequence[str | Path], visualize: int,
-                      panels: dict[str, dict[str, np.ndarray]]):
-    """predict(item) → the CLIP-ES CrfJob of a manifest image (module doc); keeps CAM panels of the first images."""
-    backbone = load_backbone(cfg.model, str(device), tuple(str(Path(p).resolve()) for p in model_configs))
-    text = text_embeddings(backbone, class_set(cfg.text.classes), cfg.text.template)
-    stats = cfg.model.normalisation if cfg.eval.clipes_normalisation == "preset" else cfg.eval.clipes_normalisation
-
-    def predict(item: tuple[int, ManifestRow, np.ndarray]) -> CrfJob:
-        index, row, rgb = item
-        resized = torch.from_numpy(np.array(clipes_input(rgb, backbone.patch_size)))  # a writable copy
-        x = normalise(resized.permute(2, 0, 1)[None].to(backbone.device), stats)
-        maps = clipes_cam_scores(backbone, text, x, row.labels, rgb.shape[:2], cfg.refine)
-        if index < visualize:
-            panels[row.image_id] = cam_panels(rgb, maps.cams.cpu().numpy(), maps.refined.cpu().numpy())
-        image = rgb if cfg.eval.clipes_crf_image == "rgb" else clipes_crf_image(rgb[..., ::-1].astype(np.float32))
-        return CrfJob(row.image_id, image, maps.scores.cpu().numpy(), maps.keys.cpu().numpy(),
-                      cfg.eval.clipes_crf_params, cfg.eval.clipes_confidence)
-
-    return predict
-
-
 def run(manifest: str | Path, out_dir: str | Path, cfg: Config | None = None, source: Source = "clip-es",
         checkpoint: str | Path | None = None, workers: int | None = None, visualize: int = 0,
         device: str | None = None, model_configs: Sequence[str | Path] = (), progress: bool = True) -> PseudoReport:
@@ -111,26 +87,26 @@ def run(manifest: str | Path, out_dir: str | Path, cfg: Config | None = None, so
     workers: CRF processes (default cfg.eval.crf_workers). visualize: a grid of the first N images.
     """
     if source not in SOURCES:
-        raise ValueError(f"unknown pseudo-mask source {source!r}; choose one of {SOURCES}")
+        raise ConfigError(f"unknown pseudo-mask source {source!r}; choose one of {SOURCES}")
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    dev = resolve_device(device)
+    dev = default_device(device)
     data = read_manifest(manifest)
     panels: dict[str, dict[str, np.ndarray]] = {}
     if source == "clip-es":
         if cfg is None:
-            raise ValueError("source 'clip-es' needs a config (model, text, refine and eval settings): pass cfg")
+            raise ConfigError("source 'clip-es' needs a config (model, text, refine and eval settings): pass cfg")
         if checkpoint is not None:
-            raise ValueError("source 'clip-es' uses no trained checkpoint; pass checkpoint only with source 'weclip'")
-        if tuple(data.class_names) != class_set(cfg.text.classes).classes:
-            raise EvalError(f"manifest {data.path} does not have the classes of text class set "
-                            f"{cfg.text.classes!r}; use the preset of dataset {data.dataset!r}")
-        predict_fn = _clipes_predictor(cfg, dev, model_configs, visualize, panels)
+            raise ConfigError("source 'clip-es' uses no trained checkpoint; pass checkpoint only with source 'weclip'")
+        require_classes(data.class_names, f"manifest {data.path} of dataset {data.dataset!r}",
+                        class_set(cfg.text.classes).classes, f"text class set {cfg.text.classes!r}",
+                        f"use the preset of dataset {data.dataset!r}", EvalError)
+        predict_fn = clipes_predictor(cfg, dev, model_configs, visualize, panels)
         names = (BACKGROUND, *data.class_names)
         use_crf = True  # the DenseCRF and its confidence threshold are part of CLIP-ES's masks (§5.3)
     else:
         if checkpoint is None:
-            raise ValueError("source 'weclip' needs the trained checkpoint")
+            raise ConfigError("source 'weclip' needs the trained checkpoint")
         predictor = load_predictor(checkpoint, dev, model_configs)
         check_classes(predictor.checkpoint, data)
         cfg = predictor.checkpoint.config if cfg is None else cfg

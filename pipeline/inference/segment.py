@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.model.backbone import FrozenCLIP
+from pipeline.model.protocol import Backbone, CLIPBackbone
 from pipeline.model.cam import softmax_gradcam
 from pipeline.config import Config, EvalConfig, RefineConfig
 from pipeline.model.decoder import WeCLIPDecoder
@@ -86,7 +86,7 @@ def floor_to_patches(images: torch.Tensor, patch: int) -> torch.Tensor:
     return images[..., :height, :width]
 
 
-def patch_tokens(backbone: FrozenCLIP, images: torch.Tensor, layers: Sequence[int]) -> tuple[torch.Tensor, tuple[int, int]]:
+def patch_tokens(backbone: Backbone, images: torch.Tensor, layers: Sequence[int]) -> tuple[torch.Tensor, tuple[int, int]]:
     """The decoder's input for normalised images B×3×H×W (multiples of the patch size): patch tokens of the 1-based
     blocks `layers` (CLS dropped), B×L×N×D, and the grid. Block n (paper variant, §9 row 6) needs the last block."""
     n = backbone.num_blocks
@@ -97,7 +97,7 @@ def patch_tokens(backbone: FrozenCLIP, images: torch.Tensor, layers: Sequence[in
     return torch.stack([tokens[i][:, 1:] for i in layers], dim=1), frozen.grid
 
 
-def segment_fn(backbone: FrozenCLIP, decoder: WeCLIPDecoder, layers: Sequence[int]) -> SegFn:
+def segment_fn(backbone: Backbone, decoder: WeCLIPDecoder, layers: Sequence[int]) -> SegFn:
     """seg_fn for `msc_flip_logits`: frozen backbone tokens of blocks `layers` → decoder logits, one batched
     backbone call per input batch, without grad. Inputs of any size are floored to the patch grid (module doc).
     The decoder must be on the backbone's device and in eval mode (dropout off, §8.1 step 5)."""
@@ -141,7 +141,7 @@ class CamMaps:
     pseudo: torch.Tensor | None = None
 
 
-def last_blocks(backbone: FrozenCLIP, count: int) -> tuple[int, ...]:
+def last_blocks(backbone: Backbone, count: int) -> tuple[int, ...]:
     """The 1-based indices of the backbone's last `count` blocks (attention maps CAA / RFM average over)."""
     n = backbone.num_blocks
     if not 1 <= count <= n:
@@ -150,7 +150,7 @@ def last_blocks(backbone: FrozenCLIP, count: int) -> tuple[int, ...]:
     return tuple(range(n - count + 1, n + 1))
 
 
-def clipes_cam_scores(backbone: FrozenCLIP, text: TextEmbeddings, image_norm: torch.Tensor, labels: Sequence[int],
+def clipes_cam_scores(backbone: CLIPBackbone, text: TextEmbeddings, image_norm: torch.Tensor, labels: Sequence[int],
                       size: tuple[int, int], refine: RefineConfig = RefineConfig()) -> CamMaps:
     """CLIP-ES pseudo-mask scores of one image (§5.1–5.3) before the DenseCRF.
 
@@ -167,7 +167,7 @@ def clipes_cam_scores(backbone: FrozenCLIP, text: TextEmbeddings, image_norm: to
                    keys=keys[0])
 
 
-def weclip_cam_maps(backbone: FrozenCLIP, decoder: WeCLIPDecoder, text: TextEmbeddings, image_norm: torch.Tensor,
+def weclip_cam_maps(backbone: CLIPBackbone, decoder: WeCLIPDecoder, text: TextEmbeddings, image_norm: torch.Tensor,
                     labels: Sequence[int], layers: Sequence[int], cfg: Config) -> CamMaps:
     """WeCLIP's CAM branch in 'val' mode (§8.1 step 4, §6.4: RFM always on) for one image 1×3×H×W (multiples of the
     patch size): Softmax-Grad-CAM, RFM with the decoder's A_f, and the online pseudo label after PAR (§6.5). Used

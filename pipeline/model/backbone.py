@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
+from pipeline.config import ModelConfig
+from pipeline.errors import BackboneError, MissingFile
 from pipeline.files import sha256_file
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -47,7 +49,7 @@ def register_model_configs(*paths: str | Path) -> None:
         if resolved in _REGISTERED:
             continue
         if not resolved.exists():
-            raise FileNotFoundError(f"model config {resolved} does not exist; give a JSON file or a folder of them")
+            raise MissingFile(f"model config {resolved} does not exist; give a JSON file or a folder of them")
         open_clip.add_model_config(resolved)
         _REGISTERED.add(resolved)
 
@@ -97,12 +99,12 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = open_clip.factory.load_state_dict(str(path), device="cpu", weights_only=True)
     except Exception as exc:  # torch/zip/pickle raise many types for a damaged file
-        raise ValueError(
+        raise BackboneError(
             f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}. The file is truncated or not a PyTorch / "
             f"safetensors state dict; copy it again, or point `pretrained` at the right file."
         ) from exc
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"checkpoint {path} does not hold a state dict (name -> tensor); save model.state_dict()")
+        raise BackboneError(f"checkpoint {path} does not hold a state dict (name -> tensor); save model.state_dict()")
     return state
 
 
@@ -121,7 +123,7 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Pat
         problems = [f"{label} {head(items)}" for label, items in
                     (("missing keys:", missing), ("unexpected keys:", unexpected), ("shape mismatches:", mismatched))
                     if items]
-        raise ValueError(
+        raise BackboneError(
             f"checkpoint {path} does not match the architecture of model {name!r}: " + "; ".join(problems)
             + ". Was it saved from another model? Pass the model name it was saved from."
         )
@@ -131,18 +133,18 @@ def _check_supported(model: nn.Module, name: str) -> None:
     """This module re-implements the standard CLIP ViT block; refuse what it would compute differently."""
     visual = getattr(model, "visual", None)
     if not isinstance(visual, VisionTransformer):
-        raise ValueError(f"model {name!r} has no open_clip VisionTransformer image tower; use a CLIP ViT config")
+        raise BackboneError(f"model {name!r} has no open_clip VisionTransformer image tower; use a CLIP ViT config")
     if visual.attn_pool is not None or visual.final_ln_after_pool or visual.proj is None:
-        raise ValueError(f"model {name!r} uses attentional pooling / post-pool norm / no projection; "
+        raise BackboneError(f"model {name!r} uses attentional pooling / post-pool norm / no projection; "
                          "WeCLIP needs the plain CLIP ViT head (ln_post then proj)")
     if visual.patch_size[0] != visual.patch_size[1]:
-        raise ValueError(f"model {name!r} has non-square patches {visual.patch_size}")
+        raise BackboneError(f"model {name!r} has non-square patches {visual.patch_size}")
     for block in visual.transformer.resblocks:
         attn = getattr(block, "attn", None)
         if (not isinstance(block, ResidualAttentionBlock) or hasattr(block, "ln_1_kv")
                 or not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim
                 or attn.bias_k is not None or attn.add_zero_attn):
-            raise ValueError(f"model {name!r} uses a custom transformer block; only the standard CLIP block "
+            raise BackboneError(f"model {name!r} uses a custom transformer block; only the standard CLIP block "
                              "(ResidualAttentionBlock with packed q/k/v projection) is supported")
 
 
@@ -217,7 +219,7 @@ class FrozenCLIP(nn.Module):
         super().__init__()
         _check_supported(model, name)
         if precision not in _AUTOCAST_DTYPES:
-            raise ValueError(f"precision must be one of {sorted(_AUTOCAST_DTYPES)}, got {precision!r}")
+            raise BackboneError(f"precision must be one of {sorted(_AUTOCAST_DTYPES)}, got {precision!r}")
         self.model = model
         self.name, self.pretrained, self.identity = name, pretrained, identity
         self.checkpoint_sha256 = checkpoint_sha256
@@ -240,12 +242,12 @@ class FrozenCLIP(nn.Module):
         ('openai' for ViT-B-16-quickgelu, ALGORITHM.md §13), a local checkpoint file, or None (random init)."""
         register_model_configs()
         if name not in open_clip.list_models():
-            raise ValueError(f"unknown model {name!r}: not an open_clip config nor a JSON in {MODEL_CONFIG_DIR}")
+            raise BackboneError(f"unknown model {name!r}: not an open_clip config nor a JSON in {MODEL_CONFIG_DIR}")
         if pretrained is not None and open_clip.get_pretrained_cfg(name, pretrained):
             try:
                 model = open_clip.create_model(name, pretrained=pretrained, device="cpu")
             except Exception as exc:
-                raise RuntimeError(
+                raise BackboneError(
                     f"could not fetch open_clip weights {pretrained!r} for {name} ({exc}). This machine may be "
                     f"offline: download the checkpoint elsewhere and pass its local path as `pretrained`."
                 ) from exc
@@ -257,7 +259,7 @@ class FrozenCLIP(nn.Module):
         path = Path(pretrained).expanduser()
         if not path.is_file():
             tags = open_clip.list_pretrained_tags_by_model(name)
-            raise FileNotFoundError(
+            raise MissingFile(
                 f"checkpoint file {path} not found, and {pretrained!r} is not an open_clip tag of {name} "
                 f"(tags: {tags or 'none'}); give an existing checkpoint file or one of the tags"
             )
@@ -375,3 +377,29 @@ class FrozenCLIP(nn.Module):
     def extra_repr(self) -> str:
         return f"identity={self.identity!r}, precision={self.precision!r}"
 
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """The device a command runs its models on: the one asked for, else cuda when available, else cpu."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+_BACKBONES: dict[tuple[object, ...], FrozenCLIP] = {}
+
+
+def load_backbone(model: ModelConfig, device: str | torch.device,
+                  model_configs: Sequence[str | Path] = ()) -> FrozenCLIP:
+    """The frozen backbone of this process, loaded on first use and reused (one load per worker process).
+
+    `model_configs` are extra open_clip config JSONs to register first (e.g. a test's tiny ViT; `FrozenCLIP.load`
+    registers the project's own). A random init (`pretrained=None`) is seeded with `model.init_seed`, so every
+    process builds the same weights.
+    """
+    if model_configs:
+        register_model_configs(*model_configs)
+    key = (model.name, model.pretrained, model.precision, model.init_seed, str(device))
+    if key not in _BACKBONES:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(model.init_seed)
+            _BACKBONES[key] = FrozenCLIP.load(model.name, model.pretrained, device=device, precision=model.precision)
+    return _BACKBONES[key]

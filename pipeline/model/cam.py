@@ -15,7 +15,8 @@ from typing import Sequence
 
 import torch
 
-from pipeline.model.backbone import FrozenCLIP, FrozenFeatures
+from pipeline.model.backbone import FrozenFeatures
+from pipeline.model.protocol import CLIPBackbone
 from pipeline.model.text import TextEmbeddings
 
 # `scale_cam_image` of pytorch_grad_cam: (x - min) / (max + 1e-7), ALGORITHM.md §4 step 4.
@@ -51,7 +52,7 @@ def cam_from_gradient(activations: torch.Tensor, gradients: torch.Tensor, grid: 
     return cam.reshape(*cam.shape[:-1], *grid)
 
 
-def _check_request(backbone: FrozenCLIP, images: torch.Tensor, labels: Sequence[Sequence[int]],
+def _check_request(backbone: CLIPBackbone, images: torch.Tensor, labels: Sequence[Sequence[int]],
                    text: TextEmbeddings, feature_layers: Sequence[int], attn_layers: Sequence[int],
                    k_max: int | None) -> int:
     """Validate the inputs; returns the number of CAM slots K_max."""
@@ -78,7 +79,7 @@ def _patch_stack(maps: Sequence[torch.Tensor], patch_dims: int) -> torch.Tensor:
     return torch.stack([m.detach()[index] for m in maps], dim=1)
 
 
-def _assemble(backbone: FrozenCLIP, frozen: FrozenFeatures, tokens_out: torch.Tensor, attn_out: torch.Tensor,
+def _assemble(backbone: CLIPBackbone, frozen: FrozenFeatures, tokens_out: torch.Tensor, attn_out: torch.Tensor,
               feature_layers: Sequence[int], attn_layers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """features B×F×N×D and attn B×A×N×N of the requested blocks; block n comes from the last-block pass."""
     last = backbone.num_blocks
@@ -92,7 +93,7 @@ def _assemble(backbone: FrozenCLIP, frozen: FrozenFeatures, tokens_out: torch.Te
     return features, maps
 
 
-def _frozen_request(backbone: FrozenCLIP, images: torch.Tensor, feature_layers: Sequence[int],
+def _frozen_request(backbone: CLIPBackbone, images: torch.Tensor, feature_layers: Sequence[int],
                     attn_layers: Sequence[int]) -> FrozenFeatures:
     """forward_frozen keeping only the requested blocks below n."""
     n = backbone.num_blocks
@@ -126,7 +127,7 @@ def _slot_classes(labels: Sequence[Sequence[int]], k_max: int, device: torch.dev
     return slots.to(device)
 
 
-def softmax_gradcam(backbone: FrozenCLIP, images: torch.Tensor, labels: Sequence[Sequence[int]],
+def softmax_gradcam(backbone: CLIPBackbone, images: torch.Tensor, labels: Sequence[Sequence[int]],
                     text: TextEmbeddings, feature_layers: Sequence[int], attn_layers: Sequence[int],
                     k_max: int | None = None) -> CamBatch:
     """Batched Softmax-Grad-CAM of normalised images B×3×H×W.
@@ -161,7 +162,7 @@ def softmax_gradcam(backbone: FrozenCLIP, images: torch.Tensor, labels: Sequence
                     grid=grid)
 
 
-def softmax_gradcam_loop(backbone: FrozenCLIP, images: torch.Tensor, labels: Sequence[Sequence[int]],
+def softmax_gradcam_loop(backbone: CLIPBackbone, images: torch.Tensor, labels: Sequence[Sequence[int]],
                          text: TextEmbeddings, feature_layers: Sequence[int], attn_layers: Sequence[int],
                          k_max: int | None = None, full_pass: bool = False) -> CamBatch:
     """Reference: the released code's way (ALGORITHM.md §4). Per image, the frozen blocks once; per present class,

@@ -7,8 +7,11 @@ prompts appended to every image's text set (ALGORITHM.md §3.3).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
+
+from pipeline.errors import DataError
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -91,7 +94,7 @@ def class_set(name: str) -> ClassSet:
     try:
         return CLASS_SETS[name]
     except KeyError:
-        raise ValueError(f"unknown class set {name!r}; known: {sorted(CLASS_SETS)}") from None
+        raise DataError(f"unknown class set {name!r}; known: {sorted(CLASS_SETS)}") from None
 
 
 def prompts(names: tuple[str, ...] | list[str], template: str) -> list[str]:
@@ -125,3 +128,13 @@ def text_embeddings(backbone, classes: ClassSet, template: str) -> TextEmbedding
             emb = backbone.encode_text(fg_prompts + bg_prompts).float()
         _EMBEDDING_CACHE[key] = TextEmbeddings(fg=emb[: len(fg_prompts)], bg=emb[len(fg_prompts):])
     return _EMBEDDING_CACHE[key]
+
+
+def require_classes(found: Sequence[str], found_what: str, expected: Sequence[str], expected_what: str, fix: str,
+                    error: type[Exception] = DataError) -> None:
+    """The one check that two class lists agree (a manifest's against a class set, a cache's or a checkpoint's).
+
+    Raises `error` naming both sides, their first classes and `fix`; the callers pass their stage's error type."""
+    if tuple(found) != tuple(expected):
+        raise error(f"{found_what}, with {len(found)} classes {list(found[:4])}..., does not have the classes of "
+                    f"{expected_what} ({len(expected)} classes {list(expected[:4])}...); {fix}")

@@ -14,7 +14,8 @@ from pipeline.training.checkpoint import save_checkpoint
 from pipeline.config import Config
 from pipeline.data.manifest import read_manifest
 from pipeline.model.decoder import WeCLIPDecoder
-from pipeline.extract.worker import all_prompts, load_backbone
+from pipeline.extract.plan import all_prompts
+from pipeline.model.backbone import load_backbone
 from pipeline.training.optim import PolyWarmup, build_optimizer
 from pipeline.model.text import class_set
 from stages import manifest as manifest_stage

@@ -19,9 +19,10 @@ from pipeline.config import WECLIP_CRF
 from pipeline.refinement.crf import dense_crf
 from pipeline.data.images import load_mask, load_rgb
 from pipeline.data.manifest import read_manifest, write_manifest
-from pipeline.extract.worker import load_backbone
+from pipeline.model.backbone import load_backbone
 from pipeline.inference.segment import msc_flip_logits, segment_fn
 from pipeline.palette import VOC_COLORMAP
+from pipeline.inference import crf_pool
 from stages import evaluate
 
 
@@ -124,23 +125,23 @@ def test_crf_inline_equals_the_pool(world, with_crf):
 
 
 def test_a_crashing_crf_worker_fails_the_run_naming_the_image(world, monkeypatch):
-    monkeypatch.setenv(evaluate.CRF_FAULT_ENV, "exit:0:c")  # the worker dies on every attempt at image c
+    monkeypatch.setenv(crf_pool.CRF_FAULT_ENV, "exit:0:c")  # the worker dies on every attempt at image c
     assert world["cfg"].eval.crf_retries == 1
-    with pytest.raises(evaluate.CrfError, match=r"image c on all 2 attempt\(s\): its worker process died"):
+    with pytest.raises(crf_pool.CrfError, match=r"image c on all 2 attempt\(s\): its worker process died"):
         run(world, "crash", crf=True, workers=2)
     assert not (world["root"] / "crash" / "report.json").exists()  # never a shorter report
 
 
 def test_a_worker_that_dies_once_is_retried_and_nothing_is_lost(world, with_crf, monkeypatch):
-    monkeypatch.setenv(evaluate.CRF_FAULT_ENV, "exit:1:b")  # dies on the first attempt only
+    monkeypatch.setenv(crf_pool.CRF_FAULT_ENV, "exit:1:b")  # dies on the first attempt only
     report = run(world, "retried", crf=True, save_predictions=True, workers=2)
     assert report.images == len(ef.IMAGES)
     assert report.confusion == with_crf.confusion
 
 
 def test_a_raising_crf_fails_after_its_retries(world, monkeypatch):
-    monkeypatch.setenv(evaluate.CRF_FAULT_ENV, "raise:0:d")
-    with pytest.raises(evaluate.CrfError, match=r"image d on all 2 attempt\(s\): RuntimeError: injected"):
+    monkeypatch.setenv(crf_pool.CRF_FAULT_ENV, "raise:0:d")
+    with pytest.raises(crf_pool.CrfError, match=r"image d on all 2 attempt\(s\): RuntimeError: injected"):
         run(world, "raising", crf=True, workers=0)
 
 
@@ -170,24 +171,24 @@ def test_refuses_a_manifest_without_masks(world, tmp_path):
         evaluate.run(world["checkpoint"], path, tmp_path / "z", progress=False, model_configs=[ef.TINY_CONFIG])
 
 
-def small_jobs(keys: str) -> list[evaluate.CrfJob]:
+def small_jobs(keys: str) -> list[crf_pool.CrfJob]:
     rng = np.random.default_rng(0)
-    return [evaluate.CrfJob(k, rng.integers(0, 256, (6, 7, 3), dtype=np.uint8),
+    return [crf_pool.CrfJob(k, rng.integers(0, 256, (6, 7, 3), dtype=np.uint8),
                             rng.dirichlet(np.ones(3), size=(6, 7)).transpose(2, 0, 1).astype(np.float32),
                             np.array([0, 4, 9]), WECLIP_CRF) for k in keys]
 
 
 def test_pool_charges_a_crash_to_its_image_only(monkeypatch):
     """With no retries, an image in flight with the crasher must not be blamed: the crash is isolated first."""
-    monkeypatch.setenv(evaluate.CRF_FAULT_ENV, "exit:0:e")
-    with pytest.raises(evaluate.CrfError, match="image e on all 1 attempt"):
-        list(evaluate.CrfPool(workers=2, retries=0).imap(small_jobs("abcdefgh")))
+    monkeypatch.setenv(crf_pool.CRF_FAULT_ENV, "exit:0:e")
+    with pytest.raises(crf_pool.CrfError, match="image e on all 1 attempt"):
+        list(crf_pool.CrfPool(workers=2, retries=0).imap(small_jobs("abcdefgh")))
 
 
 def test_pool_returns_one_result_per_job_in_any_order(monkeypatch):
     jobs = small_jobs("abcdefgh")
-    monkeypatch.setenv(evaluate.CRF_FAULT_ENV, "exit:1:c")
-    results = dict(evaluate.CrfPool(workers=3, retries=1).imap(jobs))
+    monkeypatch.setenv(crf_pool.CRF_FAULT_ENV, "exit:1:c")
+    results = dict(crf_pool.CrfPool(workers=3, retries=1).imap(jobs))
     assert sorted(results) == list("abcdefgh")
     for job in jobs:
         want = np.array([0, 4, 9])[dense_crf(job.image, job.probs, WECLIP_CRF).argmax(axis=0)]

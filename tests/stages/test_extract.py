@@ -19,7 +19,7 @@ from pipeline.cache.store import CacheReader, FingerprintMismatch
 from pipeline.model.cam import softmax_gradcam
 from pipeline.data.images import load_rgb
 from pipeline.data.manifest import read_manifest
-from pipeline.extract.worker import make_plan
+from pipeline.extract.plan import make_plan
 from pipeline.model.text import class_set, text_embeddings
 from stages import extract
 

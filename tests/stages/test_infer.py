@@ -13,6 +13,7 @@ from tests.stages import eval_fakes as ef
 
 from pipeline.data.images import load_rgb
 from pipeline.palette import VOC_COLORMAP
+from pipeline.inference import crf_pool
 from stages import evaluate, infer
 
 

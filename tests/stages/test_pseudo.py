@@ -14,10 +14,11 @@ from pipeline.data.augment import normalise
 from pipeline.refinement.crf import clipes_crf_image, dense_crf
 from pipeline.data.images import load_mask, load_rgb
 from pipeline.data.manifest import read_manifest
-from pipeline.extract.worker import load_backbone
+from pipeline.model.backbone import load_backbone
 from pipeline.inference.segment import clipes_cam_scores, clipes_input
 from pipeline.palette import VOC_COLORMAP
 from pipeline.model.text import class_set, text_embeddings
+from pipeline.inference import crf_pool
 from stages import evaluate, pseudo
 
 

@@ -15,6 +15,8 @@ from pipeline.training.checkpoint import build_decoder_from_checkpoint, load_che
 from pipeline.config import Config, preset
 from pipeline.data.shapes import generate
 from pipeline.model.text import SHAPES_CLASSES
+from pipeline.training import schedule, sources
+from pipeline.training.step import train_step
 from stages import extract, manifest, train
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "tiny-vit.json"
@@ -168,14 +170,14 @@ def test_hflip_sample_matches_flipping_the_grid():
     sample = {"features": feats, "attn": attn, "cams": rng.random((3, h, w)),
               "image": rng.random((3, 16 * h, 16 * w)), "valid": rng.random((16 * h, 16 * w)) > 0.5,
               "cam_classes": np.array([1, 2, -1])}
-    flipped = train.hflip_sample(sample, (h, w))
+    flipped = schedule.hflip_sample(sample, (h, w))
     mirrored = tokens[:, :, ::-1].reshape(2, h * w, d)
     np.testing.assert_array_equal(flipped["features"], mirrored)
     np.testing.assert_allclose(flipped["attn"], np.einsum("lnd,lmd->lnm", mirrored, mirrored))
     for name in ("cams", "image", "valid"):
         np.testing.assert_array_equal(flipped[name], sample[name][..., ::-1])
     np.testing.assert_array_equal(flipped["cam_classes"], sample["cam_classes"])
-    again = train.hflip_sample(flipped, (h, w))
+    again = schedule.hflip_sample(flipped, (h, w))
     for name in sample:
         np.testing.assert_array_equal(again[name], sample[name])
 
@@ -184,13 +186,13 @@ def test_data_order_is_a_function_of_seed_and_epoch():
     n, batch = 10, 3  # 3 steps per epoch, one sample dropped each epoch
     epochs = {}
     for step in range(6):
-        epoch, positions = train.batch_positions(step, n, batch, seed=7)
+        epoch, positions = schedule.batch_positions(step, n, batch, seed=7)
         epochs.setdefault(epoch, []).extend(positions.tolist())
     assert sorted(epochs) == [0, 1]
     for visited in epochs.values():
         assert len(visited) == 9 and len(set(visited)) == 9
     assert epochs[0] != epochs[1]
-    assert np.array_equal(train.batch_positions(4, n, batch, 7)[1], train.batch_positions(4, n, batch, 7)[1])
+    assert np.array_equal(schedule.batch_positions(4, n, batch, 7)[1], schedule.batch_positions(4, n, batch, 7)[1])
     with pytest.raises(train.TrainError, match="cannot fill one batch"):
-        train.batch_positions(0, 2, 3, 7)
+        schedule.batch_positions(0, 2, 3, 7)
 

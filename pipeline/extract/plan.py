@@ -1,0 +1,137 @@
+"""The plan of `weclip extract`: which samples exist and which shard holds each (DESIGN.md §3.2, §3.3).
+
+Images of the manifest (manifest order) × `views` views; sample `row = image_index · views + view`; shard `s` holds
+rows `[s · samples_per_shard, (s + 1) · samples_per_shard)`. The plan depends only on the manifest and the config,
+never on the workers, so a shard's name and content are fixed before any work starts. The cache's fingerprint and
+spec follow from the plan and the backbone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.cache.fingerprint import fingerprint_from_config
+from pipeline.cache.schema import CacheSpec
+from pipeline.config import Config, ExtractConfig
+from pipeline.data.manifest import Manifest
+from pipeline.errors import BackboneError, ConfigError, DataError
+from pipeline.model.protocol import Backbone
+from pipeline.model.text import class_set, prompts
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    """One manifest image as the plan sees it. `path` is absolute (workers may run elsewhere)."""
+    image_id: str
+    path: str
+    labels: tuple[int, ...]
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class PlannedSample:
+    row: int
+    image: PlannedImage
+    view: int
+
+    @property
+    def sample_id(self) -> str:
+        return f"{self.image.image_id}#{self.view}"
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """The unit of work: one planned shard and its samples, in increasing `row` order."""
+    shard: int
+    samples: tuple[PlannedSample, ...]
+
+
+@dataclass(frozen=True)
+class ExtractPlan:
+    images: tuple[PlannedImage, ...]
+    views: int
+    samples_per_shard: int
+
+    def __post_init__(self) -> None:
+        if not self.images:
+            raise DataError("the extract plan has no image; check the manifest (and --limit)")
+        if self.views < 1 or self.samples_per_shard < 1:
+            raise ConfigError(f"extract.views and extract.samples_per_shard must be positive, got "
+                             f"{self.views} and {self.samples_per_shard}")
+
+    @property
+    def total_samples(self) -> int:
+        return len(self.images) * self.views
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.total_samples // self.samples_per_shard)
+
+    @property
+    def k_max(self) -> int:
+        """CAM slots per sample: the most classes one image carries."""
+        return max(len(image.labels) for image in self.images)
+
+    def task(self, shard: int) -> ShardTask:
+        if not 0 <= shard < self.n_shards:
+            raise IndexError(f"shard {shard} outside the plan's 0..{self.n_shards - 1}")
+        start = shard * self.samples_per_shard
+        rows = range(start, min(start + self.samples_per_shard, self.total_samples))
+        return ShardTask(shard, tuple(PlannedSample(r, self.images[r // self.views], r % self.views) for r in rows))
+
+
+def make_plan(manifest: Manifest, cfg: ExtractConfig, limit: int | None = None) -> ExtractPlan:
+    """The plan of a manifest: its first `limit` images (all when None), in manifest order."""
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be a positive number of images, got {limit}")
+    rows = manifest.rows[:limit]
+    images = tuple(PlannedImage(r.image_id, str(manifest.image_abspath(r).resolve()), tuple(r.labels), r.height,
+                                r.width) for r in rows)
+    return ExtractPlan(images, cfg.views, cfg.samples_per_shard)
+
+
+def check_layers(cfg: ExtractConfig, backbone: Backbone) -> None:
+    """Stored layers are absolute 1-based blocks (DESIGN.md §3.2); refuse ones the model does not have."""
+    n = backbone.num_blocks
+    for name in ("feature_layers", "attn_layers"):
+        layers = getattr(cfg, name)
+        if list(layers) != sorted(set(layers)) or not all(1 <= layer <= n for layer in layers):
+            raise BackboneError(f"extract.{name} = {list(layers)}: layers must be distinct ascending 1-based blocks in "
+                             f"1..{n} of model {backbone.name!r} ({n} blocks). Set extract.{name} for this model "
+                             f"(its preset, or --set extract.{name}=[...])")
+
+
+def crop_grid(crop: int, patch_size: int) -> tuple[int, int]:
+    """Patch grid of a crop; the crop must be a multiple of the patch size (ALGORITHM.md §1: 320 → 20×20)."""
+    if crop % patch_size:
+        raise BackboneError(f"aug.crop = {crop} is not a multiple of the model's patch size {patch_size}")
+    return crop // patch_size, crop // patch_size
+
+
+def all_prompts(cfg: Config) -> list[str]:
+    """Every prompt the CAMs use, in order: the class names (with synonyms), then the background names."""
+    classes = class_set(cfg.text.classes)
+    return prompts(classes.prompt_names, cfg.text.template) + prompts(classes.background, cfg.text.template)
+
+
+def cache_fingerprint(cfg: Config, plan: ExtractPlan, backbone: Backbone) -> dict[str, Any]:
+    """The fingerprint of the cache of a plan, after checking the layers and the crop; online training records the
+    same one, so a checkpoint names the cache it is equivalent to. Its `checkpoint` is the backbone's identity,
+    which tells random initialisations apart too."""
+    check_layers(cfg.extract, backbone)
+    return fingerprint_from_config(cfg, grid=crop_grid(cfg.aug.crop, backbone.patch_size), prompts=all_prompts(cfg),
+                                   class_names=class_set(cfg.text.classes).classes,
+                                   manifest=[(i.image_id, i.labels) for i in plan.images],
+                                   checkpoint=backbone.identity)
+
+
+def cache_layout(cfg: Config, plan: ExtractPlan, backbone: Backbone) -> tuple[dict[str, Any], CacheSpec]:
+    """Fingerprint and spec of the cache of a plan (DESIGN.md §3.2)."""
+    fingerprint = cache_fingerprint(cfg, plan, backbone)
+    grid = crop_grid(cfg.aug.crop, backbone.patch_size)
+    spec = CacheSpec(total_samples=plan.total_samples, samples_per_shard=plan.samples_per_shard,
+                     feature_layers=len(cfg.extract.feature_layers), attn_layers=len(cfg.extract.attn_layers),
+                     grid=grid, dim=backbone.width, k_max=plan.k_max, crop=cfg.aug.crop, dtype=cfg.extract.dtype,
+                     compressor=cfg.extract.compressor)
+    return fingerprint, spec

@@ -1,0 +1,142 @@
+"""A trained checkpoint with its frozen backbone, ready to predict; and the manifest readers evaluation shares.
+
+`load_predictor` loads the backbone the checkpoint's config names and refuses it unless its identity is the one the
+decoder was trained on. `Predictor.predict` gives the msc + flip argmax labels of an image (§8.1), or the DenseCRF
+job of WeCLIP's inference (§8.1 step 6) for `pipeline.inference.crf_pool`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from pipeline.cache import fingerprint as fp
+from pipeline.config import Config, EvalConfig
+from pipeline.data.augment import normalise
+from pipeline.data.images import ImageDecodeError, load_manifest_rgb, load_mask
+from pipeline.data.manifest import Manifest, ManifestRow
+from pipeline.errors import EvalError
+from pipeline.inference.crf_pool import CrfJob
+from pipeline.inference.segment import SegFn, clipes_cam_scores, clipes_input, floor_to_patches, msc_flip_logits, resize_long_side, segment_fn, weclip_cam_maps
+from pipeline.model.backbone import load_backbone
+from pipeline.model.decoder import WeCLIPDecoder
+from pipeline.model.protocol import CLIPBackbone
+from pipeline.model.text import class_set, require_classes, text_embeddings
+from pipeline.refinement.crf import clipes_crf_image
+from pipeline.training.checkpoint import Checkpoint, build_decoder_from_checkpoint, load_checkpoint
+from pipeline.visualize import cam_panels
+
+BACKGROUND = "background"
+
+
+@dataclass
+class Predictor:
+    checkpoint: Checkpoint
+    backbone: CLIPBackbone
+    decoder: WeCLIPDecoder
+    seg: SegFn
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Names of the decoder's outputs: background, then the checkpoint's classes."""
+        return (BACKGROUND, *self.checkpoint.class_names)
+
+    def normalised(self, rgb: np.ndarray) -> torch.Tensor:
+        """H×W×3 uint8 → 1×3×H×W with the statistics the backbone saw in training."""
+        image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].to(self.backbone.device)
+        return normalise(image, self.checkpoint.config.model.normalisation)
+
+    def logits(self, rgb: np.ndarray, cfg: EvalConfig) -> torch.Tensor:
+        """C×H×W multi-scale + flip logits (§8.1)."""
+        return msc_flip_logits(self.seg, self.normalised(rgb), cfg)
+
+    def predict(self, key: str, rgb: np.ndarray, cfg: EvalConfig, crf: bool) -> np.ndarray | CrfJob:
+        """argmax labels H×W uint8, or the WeCLIP DenseCRF job: softmax of the logits on the RGB image (§8.1 step 6)."""
+        logits = self.logits(rgb, cfg)
+        if not crf:
+            return logits.argmax(dim=0).to(torch.uint8).cpu().numpy()
+        probs = torch.softmax(logits.float(), dim=0).cpu().numpy()
+        return CrfJob(key, rgb, probs, np.arange(probs.shape[0]), cfg.crf_params)
+
+
+def load_predictor(checkpoint: str | Path, device: str | torch.device,
+                   model_configs: Sequence[str | Path] = ()) -> Predictor:
+    """Checkpoint → its backbone (from the checkpoint's model config) and decoder, checked to belong together."""
+    ckpt = load_checkpoint(checkpoint)
+    cfg = ckpt.config
+    backbone = load_backbone(cfg.model, device, model_configs)
+    trained_on = ckpt.fingerprint.get("checkpoint")
+    if trained_on != backbone.identity:
+        raise EvalError(f"checkpoint {ckpt.path} was trained on features of backbone {trained_on!r}, but its model "
+                        f"config ({cfg.model.name}, pretrained={cfg.model.pretrained!r}) loads {backbone.identity!r}; "
+                        "put the backbone weights it was trained with back at that path")
+    decoder = build_decoder_from_checkpoint(ckpt).to(backbone.device)
+    return Predictor(ckpt, backbone, decoder, segment_fn(backbone, decoder, cfg.extract.feature_layers))
+
+
+def check_classes(ckpt: Checkpoint, manifest: Manifest) -> None:
+    """The manifest's classes must be the checkpoint's (names and the fingerprint's class hash)."""
+    require_classes(manifest.class_names, f"manifest {manifest.path} of dataset {manifest.dataset!r}",
+                    ckpt.class_names, f"checkpoint {ckpt.path}", "evaluate a checkpoint trained on this dataset's "
+                    "class set", EvalError)
+    if fp.sha256_json(list(manifest.class_names)) != ckpt.fingerprint.get("classes_sha256"):
+        raise EvalError(f"checkpoint {ckpt.path} records class names whose hash differs from its fingerprint's "
+                        f"classes_sha256; the file is inconsistent, use another checkpoint of the run")
+
+
+def read_rgb(manifest: Manifest, row: ManifestRow) -> np.ndarray:
+    """A manifest image, which must still decode at the manifest's size (errors name the image)."""
+    path = manifest.image_abspath(row)
+    try:
+        return load_manifest_rgb(path, row.height, row.width)
+    except ImageDecodeError as err:
+        raise EvalError(f"image {row.image_id} ({path}) cannot be used: {err}. Every manifest image is "
+                        "counted; fix the file or rebuild the manifest") from err
+
+
+def read_gt(manifest: Manifest, row: ManifestRow) -> np.ndarray:
+    path = manifest.mask_abspath(row)
+    try:
+        mask = load_mask(path)
+    except ImageDecodeError as err:
+        raise EvalError(f"mask of image {row.image_id} ({path}) cannot be decoded: {err}") from err
+    if mask.shape != (row.height, row.width):
+        raise EvalError(f"mask of image {row.image_id} ({path}) is {mask.shape[0]}x{mask.shape[1]}, the image "
+                        f"{row.height}x{row.width}; rebuild the manifest")
+    return mask
+
+
+def cam_panels_of(predictor: Predictor, rgb: np.ndarray, labels: Sequence[int], cfg: EvalConfig) -> dict[str, np.ndarray]:
+    """Image, CAM, refined CAM and online pseudo label of one image (WeCLIP 'val' mode, RFM on), at the image size."""
+    ckpt_cfg = predictor.checkpoint.config
+    text = text_embeddings(predictor.backbone, class_set(ckpt_cfg.text.classes), ckpt_cfg.text.template)
+    x = floor_to_patches(resize_long_side(predictor.normalised(rgb), cfg.long_side), predictor.backbone.patch_size)
+    maps = weclip_cam_maps(predictor.backbone, predictor.decoder, text, x, labels, ckpt_cfg.extract.feature_layers,
+                           ckpt_cfg)
+    return cam_panels(rgb, maps.cams.cpu().numpy(), maps.refined.cpu().numpy(), maps.pseudo.cpu().numpy())
+
+
+def clipes_predictor(cfg: Config, device: torch.device, model_configs: Sequence[str | Path], visualize: int,
+                      panels: dict[str, dict[str, np.ndarray]]):
+    """predict((index, row, rgb)) → the CLIP-ES CrfJob of a manifest image: bicubic resize to a multiple of the patch
+    size and CLIP-ES normalisation (§5.1), Softmax-Grad-CAM + CAA on the whole image (§4, §5.2), DenseCRF with
+    CLIP-ES's parameters and confidence threshold (§5.3). Keeps the CAM panels of the first `visualize` images."""
+    backbone = load_backbone(cfg.model, device, model_configs)
+    text = text_embeddings(backbone, class_set(cfg.text.classes), cfg.text.template)
+    stats = cfg.model.normalisation if cfg.eval.clipes_normalisation == "preset" else cfg.eval.clipes_normalisation
+
+    def predict(item: tuple[int, ManifestRow, np.ndarray]) -> CrfJob:
+        index, row, rgb = item
+        resized = torch.from_numpy(np.array(clipes_input(rgb, backbone.patch_size)))  # a writable copy
+        x = normalise(resized.permute(2, 0, 1)[None].to(backbone.device), stats)
+        maps = clipes_cam_scores(backbone, text, x, row.labels, rgb.shape[:2], cfg.refine)
+        if index < visualize:
+            panels[row.image_id] = cam_panels(rgb, maps.cams.cpu().numpy(), maps.refined.cpu().numpy())
+        image = rgb if cfg.eval.clipes_crf_image == "rgb" else clipes_crf_image(rgb[..., ::-1].astype(np.float32))
+        return CrfJob(row.image_id, image, maps.scores.cpu().numpy(), maps.keys.cpu().numpy(),
+                      cfg.eval.clipes_crf_params, cfg.eval.clipes_confidence)
+
+    return predict

@@ -1,0 +1,51 @@
+"""The data order of training: pure functions of the seed, the epoch / step and the sample.
+
+Every epoch visits the samples in a new order, a permutation drawn from (train.seed, epoch), `drop_last` as the
+released loader (ALGORITHM.md §7.3). With `train.train_flip` each sample is h-flipped with probability
+`aug.flip_prob`, decided from (train.seed, step, row), consistently in every cached array. Because the data of a step
+is a function of (config, step) only, a resumed run sees exactly the batches of an uninterrupted one, and a
+distributed run can give each rank its slice of the same global batch.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.errors import TrainError
+
+# Domains of the seeded generators, so that the order and flip streams never coincide.
+_ORDER_STREAM, _FLIP_STREAM = 0, 1
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The visiting order of n samples in `epoch`, from a generator seeded with (seed, epoch) only."""
+    return np.random.default_rng([seed, _ORDER_STREAM, epoch]).permutation(n)
+
+
+def batch_positions(step: int, n: int, batch_size: int, seed: int) -> tuple[int, np.ndarray]:
+    """(epoch, positions of the samples of global step `step`), `drop_last` (ALGORITHM.md §7.3)."""
+    steps_per_epoch = n // batch_size
+    if steps_per_epoch < 1:
+        raise TrainError(f"{n} samples cannot fill one batch of {batch_size}; lower train.batch_size or add data")
+    epoch, index = divmod(step, steps_per_epoch)
+    return epoch, epoch_permutation(seed, epoch, n)[index * batch_size:(index + 1) * batch_size]
+
+
+def flip_decision(seed: int, step: int, row: int, prob: float) -> bool:
+    """Whether sample `row` is h-flipped at `step` (train.train_flip); a generator seeded with (seed, step, row)."""
+    return bool(np.random.default_rng([seed, _FLIP_STREAM, step, row]).random() < prob)
+
+
+def hflip_sample(sample: dict[str, np.ndarray], grid: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Mirror one cached sample left-right, consistently in every array (DESIGN.md §3.2 layouts).
+
+    Patch n = r·w + c becomes r·w + (w−1−c): `features` (L×N×D) permute the token axis, `attn` (L×N×N) both
+    token axes; `cams` (K×h×w), `image` (3×H×W) and `valid` (H×W) reverse their last axis.
+    """
+    h, w = grid
+    perm = (np.arange(h)[:, None] * w + np.arange(w)[::-1][None, :]).reshape(-1)
+    return {**sample,
+            "features": sample["features"][:, perm],
+            "attn": sample["attn"][:, perm][:, :, perm],
+            "cams": sample["cams"][..., ::-1],
+            "image": sample["image"][..., ::-1],
+            "valid": sample["valid"][..., ::-1]}

@@ -1,0 +1,212 @@
+"""Sources of training steps: the committed samples of a feature cache, or the frozen backbone online.
+
+* cache (default): every epoch visits the committed samples in a new order (`pipeline.training.schedule`);
+  `train.views = k` trains on views 0..k-1 of each image only — the batches a k-view cache of the same images would
+  give — so one cache serves a views-per-image ablation.
+* online: the released code's way — the frozen backbone and `softmax_gradcam` run in the loop on a fresh crop of
+  every image each epoch: view `epoch` of the image, drawn from (extract.seed, image_id, view) exactly as `weclip
+  extract` draws its views, so epoch 0 of an online run sees the crops of a 1-view cache. Its fingerprint is the one
+  the equivalent cache would have. `train_flip` does not apply (every view has its own flip).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.cache import fingerprint as fp
+from pipeline.cache.store import CacheReader
+from pipeline.config import Config
+from pipeline.data.augment import apply_view, draw_view, normalise, valid_mask
+from pipeline.data.images import ImageDecodeError, load_manifest_rgb
+from pipeline.data.manifest import read_manifest
+from pipeline.errors import TrainError
+from pipeline.extract.plan import ExtractPlan, PlannedImage, cache_fingerprint, crop_grid, make_plan
+from pipeline.model.backbone import load_backbone
+from pipeline.model.cam import softmax_gradcam
+from pipeline.model.text import class_set, require_classes, text_embeddings
+from pipeline.training.schedule import batch_positions, flip_decision, hflip_sample
+
+# ---------------------------------------------------------------------------------------------------------------
+# Step-indexed datasets: item i is the whole batch of global step `start + i` (DataLoader batch_size=None).
+
+class CachedSteps(Dataset):
+    """Batches of committed cache samples. The reader is opened lazily in each (worker) process."""
+
+    def __init__(self, root: str, rows: np.ndarray, grid: tuple[int, int], start: int, stop: int, cfg: Config):
+        self.root, self.rows, self.grid = root, rows, grid
+        self.start, self.stop, self.cfg = start, stop, cfg
+        self._reader: CacheReader | None = None
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def _open(self) -> CacheReader:
+        if self._reader is None or self._pid != os.getpid():
+            self._reader, self._pid = CacheReader(self.root), os.getpid()
+        return self._reader
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        step = self.start + i
+        train = self.cfg.train
+        _, positions = batch_positions(step, len(self.rows), train.batch_size, train.seed)
+        rows = self.rows[positions]
+        arrays = self._open().read(rows)
+        if train.train_flip:
+            samples = [{name: values[j] for name, values in arrays.items()} for j in range(len(rows))]
+            samples = [hflip_sample(s, self.grid) if flip_decision(train.seed, step, int(r), self.cfg.aug.flip_prob)
+                       else s for s, r in zip(samples, rows)]
+            arrays = {name: np.stack([s[name] for s in samples]) for name in arrays}
+        return {"step": step, "rows": rows, **{k: np.ascontiguousarray(v) for k, v in arrays.items()}}
+
+
+class OnlineCrops(Dataset):
+    """Batches of fresh crops of manifest images: view `epoch` of each image, as `weclip extract` draws views."""
+
+    def __init__(self, images: Sequence[PlannedImage], start: int, stop: int, cfg: Config):
+        self.images, self.start, self.stop, self.cfg = list(images), start, stop, cfg
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        step = self.start + i
+        epoch, positions = batch_positions(step, len(self.images), self.cfg.train.batch_size, self.cfg.train.seed)
+        crops, valid = [], []
+        for image in (self.images[p] for p in positions):
+            try:
+                rgb = load_manifest_rgb(image.path, image.height, image.width)
+            except ImageDecodeError as err:
+                raise TrainError(f"online training cannot read image {image.image_id}: {err}; fix the file or "
+                                 "rebuild the manifest") from err
+            view = draw_view(self.cfg.extract.seed, image.image_id, epoch, image.height, image.width, self.cfg.aug)
+            crops.append(apply_view(rgb, view).transpose(2, 0, 1))
+            valid.append(valid_mask(view))
+        return {"step": step, "positions": positions, "image": np.stack(crops), "valid": np.stack(valid)}
+
+
+@dataclass
+class StepBatch:
+    """The inputs of one training step: features B×L×N×D, attn B×A×N×N, cams B×K×h×w, cam_classes B×K,
+    image B×3×H×W (normalised), valid B×H×W (false on padding; reported, not ignored: §0.1 item 8)."""
+    features: torch.Tensor
+    attn: torch.Tensor
+    cams: torch.Tensor
+    cam_classes: torch.Tensor
+    image: torch.Tensor
+    valid: torch.Tensor
+    grid: tuple[int, int]
+
+
+class Source(Protocol):
+    """Where a run's step inputs come from: what a checkpoint records (fingerprint, class names), the decoder's input
+    shape, and `dataset(start, stop)` (item i = the batch of step start + i, for a DataLoader with batch_size=None)
+    / `prepare(item)` (that batch on the device as a StepBatch)."""
+    kind: str  # "cache" or "online"
+    fingerprint: dict[str, Any]
+    class_names: tuple[str, ...]
+    in_layers: int
+    in_dim: int
+    grid: tuple[int, int]
+    n_samples: int
+
+    def dataset(self, start: int, stop: int) -> Dataset: ...
+
+    def prepare(self, item: dict[str, Any]) -> StepBatch: ...
+
+
+class CachedSource:
+    def __init__(self, cfg: Config, cache_path: str | Path, device: torch.device):
+        reader = CacheReader(str(cache_path))  # NotACache names the path when it is not a cache
+        rows = _training_rows(reader, cfg.train.views, cache_path)
+        class_names = _check_cache_matches_config(cfg, reader.fingerprint, cache_path)
+        spec = reader.spec
+        self.kind, self.fingerprint, self.class_names = "cache", reader.fingerprint, class_names
+        self.in_layers, self.in_dim, self.grid, self.n_samples = spec.feature_layers, spec.dim, spec.grid, len(rows)
+        if cfg.refine.static_layers > spec.attn_layers or cfg.refine.rfm_layers > spec.attn_layers:
+            raise TrainError(f"refine.static_layers = {cfg.refine.static_layers} and refine.rfm_layers = "
+                             f"{cfg.refine.rfm_layers} need that many attention maps, but the cache at {cache_path} "
+                             f"stores {spec.attn_layers}; lower them or extract with more extract.attn_layers")
+        self.root, self.rows, self.cfg, self.device = str(cache_path), rows, cfg, device
+
+    def dataset(self, start: int, stop: int) -> Dataset:
+        return CachedSteps(self.root, self.rows, self.grid, start, stop, self.cfg)
+
+    def prepare(self, item: dict[str, Any]) -> StepBatch:
+        def dev(name: str) -> torch.Tensor:
+            return torch.as_tensor(item[name]).to(self.device, non_blocking=True)
+        return StepBatch(features=dev("features"), attn=dev("attn"), cams=dev("cams"),
+                         cam_classes=dev("cam_classes").long(),
+                         image=normalise(dev("image"), self.cfg.model.normalisation), valid=dev("valid"),
+                         grid=self.grid)
+
+
+class OnlineSource:
+    def __init__(self, cfg: Config, manifest_path: str | Path, device: torch.device,
+                 model_configs: Sequence[str | Path] = ()):
+        if cfg.train.views is not None:
+            raise TrainError(f"train.views = {cfg.train.views} selects views of a feature cache; online training "
+                             "draws a fresh view every epoch. Leave train.views unset with --online")
+        manifest = read_manifest(manifest_path)
+        classes = class_set(cfg.text.classes)
+        require_classes(manifest.class_names, f"manifest {manifest_path} of dataset {manifest.dataset!r}",
+                        classes.classes, f"text class set {cfg.text.classes!r}", "use the matching preset", TrainError)
+        self.plan: ExtractPlan = make_plan(manifest, cfg.extract)
+        self.backbone = load_backbone(cfg.model, device, model_configs)
+        self.kind, self.class_names, self.n_samples = "online", classes.classes, len(self.plan.images)
+        self.fingerprint = cache_fingerprint(cfg, self.plan, self.backbone)
+        self.in_layers, self.in_dim = len(cfg.extract.feature_layers), self.backbone.width
+        self.grid = crop_grid(cfg.aug.crop, self.backbone.patch_size)
+        self.text = text_embeddings(self.backbone, classes, cfg.text.template)
+        self.cfg, self.device = cfg, device
+
+    def dataset(self, start: int, stop: int) -> Dataset:
+        return OnlineCrops(self.plan.images, start, stop, self.cfg)
+
+    def prepare(self, item: dict[str, Any]) -> StepBatch:
+        image = normalise(torch.as_tensor(item["image"]).to(self.device), self.cfg.model.normalisation)
+        labels = [self.plan.images[int(p)].labels for p in item["positions"]]
+        cams = softmax_gradcam(self.backbone, image, labels, self.text, self.cfg.extract.feature_layers,
+                               self.cfg.extract.attn_layers, k_max=self.plan.k_max)
+        return StepBatch(features=cams.features, attn=cams.attn, cams=cams.cams, cam_classes=cams.cam_classes,
+                         image=image, valid=torch.as_tensor(item["valid"]).to(self.device), grid=cams.grid)
+
+
+def _training_rows(reader: CacheReader, views: int | None, cache_path: str | Path) -> np.ndarray:
+    """The sorted committed rows the run trains on: all, or those of views 0..views-1 (`train.views`).
+
+    Rows are numbered image-major (row = image · extract.views + view), so the rows of the first k views of a
+    cache, in order, visit the images exactly as a k-view cache of the same images does: a run with
+    train.views = k gets the batches of a run on that k-view cache."""
+    index = reader.index
+    if not index.num_rows:
+        raise TrainError(f"the feature cache at {cache_path} has no committed samples; run `weclip extract` "
+                         "to completion (it resumes) before training")
+    rows, view = index.column("row").to_numpy(), index.column("view").to_numpy()
+    if views is not None:
+        stored = int(reader.fingerprint["views"])
+        if not 1 <= views <= stored:
+            raise TrainError(f"train.views = {views}, but the feature cache at {cache_path} holds {stored} views "
+                             f"per image; choose 1..{stored} (or leave train.views unset to use them all)")
+        rows = rows[view < views]
+    return np.sort(rows)
+
+
+def _check_cache_matches_config(cfg: Config, fingerprint: dict[str, Any], cache_path: str | Path) -> tuple[str, ...]:
+    """The class names of the cache (from the config's class set, checked against the fingerprint's hash); the
+    normalisation PAR's guide image gets must be the one the backbone saw."""
+    names = class_set(cfg.text.classes).classes
+    if fp.sha256_json(list(names)) != fingerprint.get("classes_sha256"):
+        raise TrainError(f"the feature cache at {cache_path} was extracted for another class list than text class set "
+                         f"{cfg.text.classes!r}; train with the preset the cache was extracted with")
+    if fingerprint.get("normalisation") != cfg.model.normalisation:
+        raise TrainError(f"the feature cache at {cache_path} holds crops normalised with "
+                         f"{fingerprint.get('normalisation')!r} statistics but model.normalisation is "
+                         f"{cfg.model.normalisation!r}; set model.normalisation to the cache's")
+    return names

@@ -1,0 +1,91 @@
+"""The saved state of a training run: checkpoints with the exact-resume state, and the metrics file.
+
+`step_XXXXXX.pt` and `checkpoint.pt` (the latest) hold decoder, optimizer, schedule and RNG state, the config and the
+data's fingerprint, each written atomically. Restoring checks that the checkpoint belongs to the same data and the
+same settings (only the fields in RESUMABLE_CHANGES may differ), so a resumed run continues with exactly the batches
+and losses of an uninterrupted one. `metrics.jsonl` keeps one JSON object per step; a resumed run drops the lines a
+killed run logged past its last checkpoint.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.cache import fingerprint as fp
+from pipeline.config import Config
+from pipeline.errors import TrainError
+from pipeline.files import atomic_write_text
+from pipeline.model.decoder import WeCLIPDecoder
+from pipeline.training.checkpoint import Checkpoint, save_checkpoint
+from pipeline.training.optim import PolyWarmup
+from pipeline.training.sources import Source
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+# Config fields that may change between a run and its resumption: they do not change what is computed.
+RESUMABLE_CHANGES = ("train.loader_workers", "train.checkpoint_every")
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_run_state(out_dir: Path, step: int, cfg: Config, source: Source, decoder: WeCLIPDecoder,
+          optimizer: torch.optim.Optimizer, scheduler: PolyWarmup) -> None:
+    """`step_XXXXXX.pt` and `checkpoint.pt` (the latest), each written atomically."""
+    kwargs = dict(decoder=decoder, optimizer=optimizer, scheduler=scheduler, step=step, config=cfg,
+                  fingerprint=source.fingerprint, class_names=source.class_names,
+                  rng_state=rng_state(next(decoder.parameters()).device))
+    save_checkpoint(out_dir / f"step_{step:06d}.pt", **kwargs)
+    save_checkpoint(out_dir / CHECKPOINT_NAME, **kwargs)
+
+
+def restore_run_state(ckpt: Checkpoint, cfg: Config, source: Source, decoder: WeCLIPDecoder,
+             optimizer: torch.optim.Optimizer, scheduler: PolyWarmup) -> int:
+    """Load a checkpoint's states after checking it belongs to this data and config; returns its step."""
+    if ckpt.fingerprint.get("digest") != source.fingerprint["digest"]:
+        keys = fp.diff(ckpt.fingerprint, source.fingerprint)
+        raise TrainError(f"checkpoint {ckpt.path} was trained on other data than the {source.kind} given now "
+                         f"(fingerprint {str(ckpt.fingerprint.get('digest'))[:16]} vs "
+                         f"{source.fingerprint['digest'][:16]}; differing: {', '.join(keys) or 'digest'}); resume "
+                         "with the cache (or manifest) it was trained on")
+    changed = [k for k in _flat_diff(ckpt.config.to_dict(), cfg.to_dict()) if k not in RESUMABLE_CHANGES]
+    if changed:
+        raise TrainError(f"checkpoint {ckpt.path} was trained with other settings: {', '.join(changed)} differ; an "
+                         "exact resume needs the same config (only train.loader_workers and train.checkpoint_every may "
+                         "change). Use the original settings, or train into a new folder")
+    decoder.load_state_dict(ckpt.decoder_state)
+    optimizer.load_state_dict(ckpt.optimizer_state)
+    scheduler.load_state_dict(ckpt.scheduler_state)
+    torch.set_rng_state(ckpt.rng_state["torch"])
+    if "cuda" in ckpt.rng_state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt.rng_state["cuda"])
+    return ckpt.step
+
+
+def _flat_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the leaves that differ between two nested config dicts."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _flat_diff(x, y, f"{prefix}{key}.")
+        elif fp.canonical_json(x) != fp.canonical_json(y):
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def open_metrics(path: Path, start: int) -> Path:
+    """Keep the metric lines of steps < start (a resumed run rewrites the ones a killed run logged past its last
+    checkpoint); a fresh run starts an empty file. Rewritten atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if start and path.exists():
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] < start]
+    return atomic_write_text(path, "".join(line + "\n" for line in kept))

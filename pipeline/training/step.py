@@ -1,0 +1,45 @@
+"""One optimisation step of WeCLIP's decoder (ALGORITHM.md §7.2), the same for cached and online data:
+
+    decoder(features) -> logits P, affinity A_f
+    M_p = online_pseudo_label(cams, attn, A_f, image)              (static CAA before `rfm_start_iter`, then RFM)
+    loss = L_seg(P↑, M_p) + λ·L_aff(A_f, Â(M_p))                   (pipeline/training/losses.py)
+    AdamW step + poly warm-up                                       (pipeline/training/optim.py; only the decoder learns)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import Config
+from pipeline.model.decoder import WeCLIPDecoder
+from pipeline.refinement.par import PAR
+from pipeline.refinement.pseudo_label import online_pseudo_label, rfm_active
+from pipeline.training.losses import total_loss
+from pipeline.training.optim import PolyWarmup
+from pipeline.training.sources import StepBatch
+
+
+def train_step(decoder: WeCLIPDecoder, optimizer: torch.optim.Optimizer, scheduler: PolyWarmup, par: PAR,
+               batch: StepBatch, step: int, cfg: Config) -> dict[str, Any]:
+    """One optimisation step (ALGORITHM.md §7.2) on a batch; returns the step's metrics (no timing)."""
+    decoder.train()
+    lr = optimizer.param_groups[0]["lr"]
+    out = decoder(batch.features, batch.grid)
+    use_rfm = rfm_active(step, cfg.refine)
+    labels = online_pseudo_label(batch.cams, batch.cam_classes, batch.attn, out.affinity, batch.image,
+                                 use_rfm=use_rfm, refine=cfg.refine, par=par)
+    losses = total_loss(out.logits, out.affinity, labels, cfg.loss)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    optimizer.step()
+    scheduler.step()
+    values = {k: float(v.detach()) for k, v in losses.items()}
+    if not np.isfinite(values["loss"]):
+        raise FloatingPointError(f"non-finite loss {values} at step {step}; the last checkpoint is the one to resume")
+    present = torch.unique(labels)
+    return {"step": step, **values, "lr": lr, "rfm": use_rfm,
+            "fg_fraction": float((labels > 0).float().mean()),
+            "pad_fraction": float(1 - batch.valid.float().mean()),
+            "classes": [int(v) - 1 for v in present.tolist() if v > 0]}
