@@ -1,10 +1,13 @@
 """`weclip` command line: thin. Parses options, builds the config, calls one stage, prints its summary.
 
-Stage modules are imported inside each command so that `weclip --help` does not pay for torch and Ray.
+Stage modules are imported inside each command so that `weclip --help` does not pay for torch and Ray. Errors raised
+on purpose (`pipeline.errors.WeclipError`) print as one `error: …` line with exit code 2; `--debug` (or
+WECLIP_DEBUG=1) shows their traceback. Any other exception is a bug and keeps its traceback (exit code 1).
 """
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -17,6 +20,29 @@ app = typer.Typer(
     no_args_is_help=True,
     help="weclip: weakly supervised segmentation with a frozen CLIP backbone (WeCLIP / CLIP-ES), cache once, train many.",
 )
+
+DEBUG_ENV = "WECLIP_DEBUG"
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error (or WECLIP_DEBUG=1).")
+             ) -> None:
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """The `weclip` console script: the typer app, with user errors as one line on stderr and exit code 2."""
+    from pipeline.errors import WeclipError
+
+    try:
+        app(args=argv, prog_name="weclip")
+    except WeclipError as err:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        typer.echo("error: " + " ".join(str(err).split()), err=True)
+        raise SystemExit(2) from None
+
 
 PresetOpt = typer.Option("voc", "--preset", help="Config preset: voc, coco or shapes (the embedded demo world).")
 
@@ -217,4 +243,4 @@ def toy_clip(ctx: typer.Context) -> None:
 
 
 if __name__ == "__main__":
-    app()
+    main()

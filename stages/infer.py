@@ -2,8 +2,9 @@
 
 The same inference as `weclip evaluate` (multi-scale + flip, optional DenseCRF in the checked process pool,
 ALGORITHM.md §8.1), written as VOC-palette PNGs mirroring the folder's layout (`<out>/<relative path>.png`), with
-optional overlays (`<out>/overlays/...`). An image that cannot be decoded is listed in `<out>/failures.jsonl` and in
-the summary, and every other image is still written.
+optional overlays (`<out>/overlays/...`). An image that cannot be decoded, or that is too small for one patch at an
+inference scale (a 4×3000 strip), is listed in `<out>/failures.jsonl` and in the summary, and every other image is
+still written.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pipeline.errors import InferError
 from pipeline.files import atomic_write_text
 from pipeline.inference.crf_pool import CrfJob, crf_pool, labelled
 from pipeline.inference.predict import load_predictor
+from pipeline.inference.segment import ImageTooSmall, check_msc_size
 from pipeline.model.backbone import default_device
 from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.data.manifest import strip_image_suffix
@@ -55,7 +57,7 @@ class InferSummary:
                  f"(CRF {'on' if self.crf else 'off'}) → {self.out_dir} ({self.seconds:.1f} s, "
                  f"{self.images_per_s:.2f} images/s)"]
         if self.failed:
-            lines.append(f"  {len(self.failed)} image(s) could not be read (listed in {self.failures_file}):")
+            lines.append(f"  {len(self.failed)} image(s) could not be segmented (listed in {self.failures_file}):")
             lines += [f"    {f['image']}: {f['reason']} ({f['detail']})" for f in self.failed]
         return "\n".join(lines)
 
@@ -109,7 +111,8 @@ def run(checkpoint: str | Path, images: str | Path, out_dir: str | Path, cfg: Ev
         for path in files:
             try:
                 rgb = load_rgb(path)
-            except ImageDecodeError as err:
+                check_msc_size(*rgb.shape[:2], cfg, predictor.backbone.patch_size)
+            except (ImageDecodeError, ImageTooSmall) as err:
                 failures.append({"image": path.relative_to(folder).as_posix(), "reason": err.reason,
                                  "detail": str(err)})
                 continue

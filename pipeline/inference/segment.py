@@ -25,6 +25,7 @@ from PIL import Image
 from pipeline.model.protocol import Backbone, CLIPBackbone
 from pipeline.model.cam import softmax_gradcam
 from pipeline.config import Config, EvalConfig, RefineConfig
+from pipeline.errors import DataError
 from pipeline.model.decoder import WeCLIPDecoder
 from pipeline.refinement.par import PAR
 from pipeline.refinement.pseudo_label import online_pseudo_label
@@ -35,13 +36,39 @@ from pipeline.model.text import TextEmbeddings
 SegFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+class ImageTooSmall(DataError):
+    """At some inference scale the image has fewer pixels than one patch on a side (e.g. a 4×3000 strip)."""
+    reason = "too_small"
+
+
+def long_side_size(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """(int(H·ratio), int(W·ratio)), ratio = long_side / max(H, W), at least 1 pixel (§8.1 step 2)."""
+    ratio = long_side / max(height, width)
+    return max(1, int(height * ratio)), max(1, int(width * ratio))
+
+
+def msc_sizes(height: int, width: int, cfg: EvalConfig) -> list[tuple[int, int]]:
+    """The input size of every scale of `msc_flip_logits` for an H×W image: the long-side size, times each scale
+    with floor (what `F.interpolate(scale_factor=s)` gives)."""
+    base = long_side_size(height, width, cfg.long_side)
+    return [base if s == 1.0 else (math.floor(base[0] * s), math.floor(base[1] * s)) for s in cfg.scales]
+
+
+def check_msc_size(height: int, width: int, cfg: EvalConfig, patch: int) -> None:
+    """Raise ImageTooSmall before any work when a scale of the multi-scale inference leaves less than one patch."""
+    for scale, (h, w) in zip(cfg.scales, msc_sizes(height, width, cfg)):
+        if h < patch or w < patch:
+            raise ImageTooSmall(f"a {height}×{width} image is {h}×{w} pixels at long side {cfg.long_side} and scale "
+                                f"{scale}, smaller than one {patch}×{patch} patch; crop or pad it, or change "
+                                "eval.long_side / eval.scales")
+
+
 def resize_long_side(image: torch.Tensor, long_side: int) -> torch.Tensor:
     """Resize B×3×H×W so that its long side is `long_side` (§8.1 step 2): ratio = long_side / max(H, W),
     size (int(H·ratio), int(W·ratio)) with int() truncation, bilinear, align_corners=False, on the normalised
     tensor. Applied to small images too (they are upscaled), as the released script does."""
     height, width = image.shape[-2:]
-    ratio = long_side / max(height, width)
-    size = (max(1, int(height * ratio)), max(1, int(width * ratio)))
+    size = long_side_size(height, width, long_side)
     if size == (height, width):
         return image
     return F.interpolate(image, size=size, mode="bilinear", align_corners=False)
@@ -81,7 +108,7 @@ def floor_to_patches(images: torch.Tensor, patch: int) -> torch.Tensor:
     """Drop the last H mod p rows and W mod p columns: what the released stride-p patch conv ignores (module doc)."""
     height, width = (images.shape[-2] // patch) * patch, (images.shape[-1] // patch) * patch
     if height == 0 or width == 0:
-        raise ValueError(f"an input of {images.shape[-2]}×{images.shape[-1]} pixels is smaller than one "
+        raise ImageTooSmall(f"an input of {images.shape[-2]}×{images.shape[-1]} pixels is smaller than one "
                          f"{patch}×{patch} patch; lower eval.scales or raise eval.long_side")
     return images[..., :height, :width]
 

@@ -14,18 +14,15 @@ from typing import Any
 
 import torch
 
-from pipeline.files import atomic_write
 from pipeline.config import Config
+from pipeline.errors import CheckpointError
+from pipeline.files import atomic_write
 from pipeline.model.decoder import WeCLIPDecoder
 
 FORMAT_TAG = "weclip-checkpoint"
 FORMAT_VERSION = 1
 _KEYS = ("format", "version", "step", "decoder", "decoder_args", "optimizer", "scheduler", "config", "fingerprint",
          "class_names", "rng_state")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing pieces, unreadable, or not a weclip training checkpoint."""
 
 
 @dataclass(frozen=True)

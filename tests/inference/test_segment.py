@@ -10,7 +10,7 @@ from PIL import Image
 from pipeline.model.backbone import block_forward
 from pipeline.config import EvalConfig, RefineConfig
 from pipeline.model.decoder import DecoderConfig, WeCLIPDecoder
-from pipeline.inference.segment import (clipes_cam_scores, clipes_input, floor_to_patches, msc_flip_logits,
+from pipeline.inference.segment import (ImageTooSmall, check_msc_size, clipes_cam_scores, msc_sizes, clipes_input, floor_to_patches, msc_flip_logits,
                                 resize_long_side, segment_fn)
 from pipeline.model.text import TextEmbeddings
 
@@ -167,3 +167,26 @@ def test_clipes_cam_scores_stack_background_and_keys(tiny_backbone):
         assert float(maps.refined[k].max()) in (0.0, pytest.approx(1.0, abs=1e-3))  # (max + 1e-7) divisor
     with pytest.raises(ValueError, match="last 8 blocks"):
         clipes_cam_scores(tiny_backbone, text, torch.randn(1, 3, 32, 32), [0], (32, 32), RefineConfig())
+
+
+@pytest.mark.parametrize("size", [(40, 1000), (37, 53), (500, 375), (333, 77)])
+def test_msc_sizes_are_the_sizes_msc_flip_feeds_the_model(size):
+    """The size check predicts exactly the inputs `msc_flip_logits` builds (recorded through the seg_fn)."""
+    cfg = EvalConfig(long_side=97, scales=(1.0, 0.75, 0.5), flip=False)
+    seen = []
+
+    def record(x):
+        seen.append(tuple(x.shape[-2:]))
+        return torch.zeros(1, 2, 1, 1)
+
+    msc_flip_logits(record, torch.zeros(1, 3, *size), cfg)
+    assert msc_sizes(*size, cfg) == seen
+
+
+def test_check_msc_size_refuses_a_strip_before_any_work():
+    cfg = EvalConfig(long_side=512, scales=(1.0, 0.75))
+    check_msc_size(375, 500, cfg, 16)  # a VOC-sized image passes
+    with pytest.raises(ImageTooSmall, match=r"4×3000 image is 1×512 pixels .* smaller than one 16×16 patch"):
+        check_msc_size(4, 3000, cfg, 16)
+    with pytest.raises(ImageTooSmall, match="scale 0.75"):  # 21 px at scale 1.0, 15 at 0.75
+        check_msc_size(21, 512, cfg, 16)

@@ -86,3 +86,17 @@ def test_outputs_inside_the_input_folder_are_not_inputs(world, tmp_path):
         summary = infer.run(world["checkpoint"], folder, folder / "segmented", progress=False,
                             model_configs=[ef.TINY_CONFIG])
         assert summary.found == summary.written == 1
+
+
+def test_an_image_too_small_for_one_patch_is_a_recorded_failure(world, tmp_path):
+    """A 4×3000 strip is 1 pixel high at the inference size: listed with its reason, the good image still written."""
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(world["images"] / "a.jpg", images / "a.jpg")
+    Image.fromarray(np.full((4, 3000, 3), 128, np.uint8)).save(images / "strip.png")
+    summary = infer.run(world["checkpoint"], images, tmp_path / "out", crf=False, progress=False,
+                        model_configs=[ef.TINY_CONFIG])
+    assert (summary.found, summary.written) == (2, 1)
+    assert [(f["image"], f["reason"]) for f in summary.failed] == [("strip.png", "too_small")]
+    assert "4×3000" in summary.failed[0]["detail"]
+    assert (tmp_path / "out" / "a.png").exists() and not (tmp_path / "out" / "strip.png").exists()
