@@ -16,7 +16,7 @@ layout and read back from its files (JPEG images, PNG masks), as a real dataset 
     what the decoder learns from until `refine.rfm_start_iter`, here on the whole val image.
 Image-level labels are the classes of each GT mask (ALGORITHM.md §2.1, WeCLIP's rule).
 
-With `--train` the WeCLIP decoder joins the table (issue 5's quality study). A train world (`--train-images`, the
+With `--train` the WeCLIP decoder joins the table (the quality study). A train world (`--train-images`, the
 demo's seed) is extracted once into an 8-view cache (`max(--views)`), and the decoder is trained with the preset's
 steps, then evaluated on the same val images with the preset's inference (msc + flip, no CRF):
   - `weclip`: from the cache, views 0..v-1 with v = the preset's `extract.views`, RFM from `refine.rfm_start_iter`;

@@ -1,6 +1,6 @@
 """Seconds per `weclip train` step from the feature cache vs online (backbone + Grad-CAM in the loop), same process.
 
-Workload (the brief of GitHub issue 5): ViT-B-16-quickgelu with random weights (the cost does not depend on the
+Workload: ViT-B-16-quickgelu with random weights (the cost does not depend on the
 weights; nothing can be downloaded here), 320×320 crops, batch 4, every image with 3 VOC classes, the VOC preset
 otherwise (decoder 256 wide, PAR 20 iterations at crop resolution, balanced CE + affinity loss). The images are random
 noise written to a temp folder as a `folder` manifest; the cache is built from them by the real extract code

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.errors import DataError, MissingFile
 from pipeline.files import atomic_write
 from pipeline.palette import colorize
 
@@ -120,7 +121,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     """The JSON lines of a training `metrics.jsonl`, each with a `step`; errors name the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"metrics file {path} does not exist; `weclip train` writes it into its output folder")
+        raise MissingFile(f"metrics file {path} does not exist; `weclip train` writes it into its output folder")
     records = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -128,12 +129,12 @@ def read_metrics(path: str | Path) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} line {number} is not JSON ({err}); is this a metrics.jsonl?") from None
+            raise DataError(f"{path} line {number} is not JSON ({err}); is this a metrics.jsonl?") from None
         if not isinstance(record, dict) or "step" not in record:
-            raise ValueError(f"{path} line {number} has no 'step'; is this a metrics.jsonl written by weclip train?")
+            raise DataError(f"{path} line {number} has no 'step'; is this a metrics.jsonl written by weclip train?")
         records.append(record)
     if not records:
-        raise ValueError(f"{path} holds no metrics yet; plot after the first training steps")
+        raise DataError(f"{path} holds no metrics yet; plot after the first training steps")
     return records
 
 
@@ -203,7 +204,7 @@ def plot_metrics(metrics_path: str | Path, out_path: str | Path | None = None,
     steps = [float(r["step"]) for r in records]
     present = [t for t in terms if any(t in r for r in records)]
     if not present and not any("lr" in r for r in records):
-        raise ValueError(f"{metrics_path} has none of the series {list(terms)} nor 'lr' to plot")
+        raise DataError(f"{metrics_path} has none of the series {list(terms)} nor 'lr' to plot")
     losses = _line_panel(steps, {t: [_number(r.get(t)) for r in records] for t in present}, "loss terms")
     lr = _line_panel(steps, {"lr": [_number(r.get("lr")) for r in records]}, "learning rate")
     figure = Image.new("RGB", (PLOT_SIZE[0], 2 * PLOT_SIZE[1]), "white")

@@ -11,11 +11,11 @@ from pipeline.model.backbone import FrozenCLIP, register_model_configs
 
 TINY_CONFIG = Path(__file__).parent / "tiny-vit.json"
 TINY_NAME = TINY_CONFIG.stem  # open_clip registers a config file under its stem
+register_model_configs(TINY_CONFIG)  # every in-process test can name the model; Ray workers get it passed
 
 
 def build_tiny_backbone(seed: int = 0, **kwargs) -> FrozenCLIP:
     """A FrozenCLIP of the tiny config with seeded random weights (kwargs go to FrozenCLIP.load)."""
-    register_model_configs(TINY_CONFIG)
     torch.manual_seed(seed)
     return FrozenCLIP.load(TINY_NAME, **kwargs)
 

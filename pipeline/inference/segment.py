@@ -25,12 +25,12 @@ from PIL import Image
 from pipeline.model.protocol import Backbone, CLIPBackbone
 from pipeline.model.cam import softmax_gradcam
 from pipeline.config import Config, EvalConfig, RefineConfig
-from pipeline.errors import DataError
 from pipeline.model.decoder import WeCLIPDecoder
 from pipeline.refinement.par import PAR
 from pipeline.refinement.pseudo_label import online_pseudo_label
 from pipeline.refinement.refine import cam_scores, refine_cams, rfm_affinity, static_affinity, upsample_cams
 from pipeline.model.text import TextEmbeddings
+from pipeline.errors import ConfigError, DataError
 
 # A normalised batch B×3×H×W → B×C×h×w segmentation logits at patch resolution.
 SegFn = Callable[[torch.Tensor], torch.Tensor]
@@ -87,7 +87,7 @@ def msc_flip_logits(seg_fn: SegFn, image_norm: torch.Tensor, cfg: EvalConfig = E
     if image_norm.ndim != 4 or image_norm.shape[:2] != (1, 3):
         raise ValueError(f"msc_flip_logits takes one normalised image 1×3×H×W, got {tuple(image_norm.shape)}")
     if not cfg.scales or min(cfg.scales) <= 0:
-        raise ValueError(f"eval.scales must be positive scale factors, got {cfg.scales}")
+        raise ConfigError(f"eval.scales must be positive scale factors, got {cfg.scales}")
     height, width = image_norm.shape[-2:]
     base = resize_long_side(image_norm, cfg.long_side)
     reference: tuple[int, int] | None = None
@@ -130,9 +130,9 @@ def segment_fn(backbone: Backbone, decoder: WeCLIPDecoder, layers: Sequence[int]
     The decoder must be on the backbone's device and in eval mode (dropout off, §8.1 step 5)."""
     layers = tuple(int(i) for i in layers)
     if not layers or list(layers) != sorted(set(layers)) or not 1 <= layers[0] <= layers[-1] <= backbone.num_blocks:
-        raise ValueError(f"decoder layers must be distinct ascending blocks in 1..{backbone.num_blocks}, got {layers}")
+        raise ConfigError(f"decoder layers must be distinct ascending blocks in 1..{backbone.num_blocks}, got {layers}")
     if decoder.in_layers != len(layers) or decoder.in_dim != backbone.width:
-        raise ValueError(f"the decoder takes {decoder.in_layers} layers of width {decoder.in_dim}, but blocks "
+        raise ConfigError(f"the decoder takes {decoder.in_layers} layers of width {decoder.in_dim}, but blocks "
                          f"{layers} of {backbone.name!r} (width {backbone.width}) were asked for; use the feature "
                          "layers and backbone the decoder was trained with")
 
@@ -172,7 +172,7 @@ def last_blocks(backbone: Backbone, count: int) -> tuple[int, ...]:
     """The 1-based indices of the backbone's last `count` blocks (attention maps CAA / RFM average over)."""
     n = backbone.num_blocks
     if not 1 <= count <= n:
-        raise ValueError(f"asked for the attention of the last {count} blocks, but {backbone.name!r} has {n}; "
+        raise ConfigError(f"asked for the attention of the last {count} blocks, but {backbone.name!r} has {n}; "
                          "lower refine.static_layers / refine.rfm_layers for this model")
     return tuple(range(n - count + 1, n + 1))
 

@@ -13,10 +13,9 @@ pixel-major (B x N x n, N = H·W) by gathering the neighbours through one precom
 channels at once. Replicate padding is the clamping of the neighbour coordinates; a clamped neighbour that
 coincides with another one is a duplicate column, which the product sums, as the padded convolution does.
 The shape-only parts (neighbour index, CSR structure) and the two B x N x n work buffers are kept by the
-PAR module between calls of the same shape: on the shared 2-core CPU, first-touch page faults of fresh
-80 MB buffers cost about as much as the arithmetic. The previous version (a loop of 48 shifted
-multiply-adds per round plus per-channel stacks of shifted copies) took ~13.6 s at 320 x 320, K = 4,
-B = 4 there; see the report of `benchmarks/train_step.py` for the current figures.
+PAR module between calls of the same shape: on a CPU, first-touch page faults of fresh 80 MB buffers cost
+about as much as the arithmetic. A loop of 48 shifted multiply-adds per round was several times slower;
+`benchmarks/train_step.py` reports the current figures.
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from pipeline.config import RefineConfig
+from pipeline.errors import ConfigError
 
 # Epsilons of the released code, not settings.
 RFM_EPS = 1e-5  # Σ G^l + 1e-5 in the RFM layer average (§6.4, §9 row 4)
@@ -214,6 +215,6 @@ def _last_maps(attn: torch.Tensor, layers: int) -> torch.Tensor:
     if attn.dim() < 3 or attn.shape[-1] != attn.shape[-2]:
         raise ValueError(f"attention must be ... x L x N x N, got shape {tuple(attn.shape)}")
     if not 1 <= layers <= attn.shape[-3]:
-        raise ValueError(f"asked for the last {layers} attention maps but only {attn.shape[-3]} are stored; "
+        raise ConfigError(f"asked for the last {layers} attention maps but only {attn.shape[-3]} are stored; "
                          "store more blocks (ExtractConfig.attn_layers) or lower the layer count")
     return _at_least_float32(attn.detach()[..., -layers:, :, :])

@@ -181,7 +181,6 @@ def save_formats(state: dict, path, fmt: str) -> None:
 def test_local_checkpoint_round_trip(tmp_path, tiny_backbone: FrozenCLIP, fmt: str) -> None:
     path = tmp_path / ("weights.safetensors" if fmt == "safetensors" else "weights.pt")
     save_formats(tiny_backbone.model.state_dict(), path, fmt)
-    register_model_configs(TINY_CONFIG)
     torch.manual_seed(123)  # a different random init, which the file must overwrite
     loaded = FrozenCLIP.load(TINY_NAME, pretrained=str(path))
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -195,7 +194,6 @@ def test_truncated_checkpoint_names_the_file(tmp_path, tiny_backbone: FrozenCLIP
     path = tmp_path / "cut.pt"
     torch.save(tiny_backbone.model.state_dict(), path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    register_model_configs(TINY_CONFIG)
     with pytest.raises(ValueError, match=r"cannot read checkpoint .*cut\.pt.*truncated"):
         FrozenCLIP.load(TINY_NAME, pretrained=str(path))
 
@@ -208,14 +206,12 @@ def test_wrong_architecture_checkpoint_names_the_file(tmp_path) -> None:
     register_model_configs(other)
     path = tmp_path / "narrow.pt"
     torch.save(open_clip.create_model("tiny-vit-narrow").state_dict(), path)
-    register_model_configs(TINY_CONFIG)
     with pytest.raises(ValueError, match=r"narrow\.pt does not match the architecture of model 'tiny-vit'.*"
                                          r"visual\.conv1\.weight"):
         FrozenCLIP.load(TINY_NAME, pretrained=str(path))
 
 
 def test_missing_checkpoint_and_unknown_model(tmp_path) -> None:
-    register_model_configs(TINY_CONFIG)
     with pytest.raises(FileNotFoundError, match=r"absent\.pt not found"):
         FrozenCLIP.load(TINY_NAME, pretrained=str(tmp_path / "absent.pt"))
     with pytest.raises(ValueError, match="unknown model 'no-such-vit'"):
@@ -225,7 +221,6 @@ def test_missing_checkpoint_and_unknown_model(tmp_path) -> None:
 def test_not_a_state_dict(tmp_path) -> None:
     path = tmp_path / "tensor.pt"
     torch.save(torch.zeros(3), path)
-    register_model_configs(TINY_CONFIG)
     with pytest.raises(ValueError, match=r"tensor\.pt"):
         FrozenCLIP.load(TINY_NAME, pretrained=str(path))
 

@@ -9,6 +9,7 @@ import torch
 
 from tests.data import data_fakes as fk
 
+from tests import conftest
 from pipeline.cache.fingerprint import fingerprint_from_config
 from pipeline.training.checkpoint import save_checkpoint
 from pipeline.config import Config
@@ -21,7 +22,7 @@ from pipeline.model.text import class_set
 from stages import manifest as manifest_stage
 
 TESTS = Path(__file__).resolve().parents[1]
-TINY_CONFIG = str(TESTS / "tiny-vit.json")  # 3 blocks, width 64, patch 16
+TINY_CONFIG = str(conftest.TINY_CONFIG)  # passed on to Ray workers and child processes
 # Mask pixel values per image (label = value - 1), VOC class ids.
 IMAGES = {"a": [8, 12], "b": [15], "c": [3, 5, 9], "d": [1], "e": [20, 2]}
 SIZE = (40, 53)  # H×W, not multiples of 16

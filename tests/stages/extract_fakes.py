@@ -11,13 +11,14 @@ import pyarrow as pa
 
 from tests.data import data_fakes as fk
 
+from tests import conftest
 from pipeline.cache import store
 from pipeline.cache.store import CacheReader
 from pipeline.config import Config
 from stages import manifest as manifest_stage
 
 TESTS = Path(__file__).resolve().parents[1]
-TINY_CONFIG = str(TESTS / "tiny-vit.json")  # 3 blocks, width 64, patch 16
+TINY_CONFIG = str(conftest.TINY_CONFIG)  # passed on to Ray workers and child processes
 # Mask pixel values per image (label = value - 1); up to 3 classes, so K_max = 3.
 IMAGES = {"a": [8, 12], "b": [15], "c": [3, 5, 9], "d": [1], "e": [20, 2]}
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import TINY_CONFIG
 from pipeline.cache.schema import CacheSpec
 from pipeline.cache.store import CacheReader, CacheWriter, NotACache
 from pipeline.training.checkpoint import build_decoder_from_checkpoint, load_checkpoint
@@ -19,7 +20,6 @@ from pipeline.training import schedule, sources
 from pipeline.training.step import train_step
 from stages import extract, manifest, train
 
-TINY_CONFIG = Path(__file__).resolve().parents[1] / "tiny-vit.json"
 CROP, IMAGES = 64, 8
 
 
