@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import shlex
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
