@@ -234,12 +234,36 @@ def demo(
     _print(stage.run(workdir, quick=quick, executor=executor))
 
 
-@app.command("toy-clip", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def toy_clip(ctx: typer.Context) -> None:
-    """Retrain the shipped tiny CLIP on the shapes world (options: python -m stages.toy_clip --help)."""
+@app.command("toy-clip")
+def toy_clip(
+    ctx: typer.Context,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Checkpoint to write, its record next to it as .json "
+                                       "(default: the shipped pipeline/assets/weclip-tiny.pt)."),
+    workdir: Path = typer.Option(Path("runs/toy_clip"), help="Training state (state.pt), for --resume."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from WORKDIR/state.pt."),
+    stop_at: Optional[int] = typer.Option(None, min=1, help="Stop after this step (state saved); continue with --resume."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the training world and of torch."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Training steps."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Image-caption pairs per step."),
+    lr: Optional[float] = typer.Option(None, min=0.0, help="Peak learning rate (after warm-up; cosine decay)."),
+    warmup_steps: Optional[int] = typer.Option(None, min=0, help="Linear warm-up steps."),
+    weight_decay: Optional[float] = typer.Option(None, min=0.0, help="AdamW weight decay of the matrices."),
+    patch_dropout: Optional[float] = typer.Option(None, help="Fraction of patch tokens dropped, in [0, 1)."),
+    unmasked_fraction: Optional[float] = typer.Option(None, min=0.0, max=1.0,
+                                                      help="Last fraction of the steps run on all patch tokens."),
+    val_count: Optional[int] = typer.Option(None, min=1, help="Held-out images of the logged presence mAP."),
+    eval_every: Optional[int] = typer.Option(None, min=1, help="Steps between presence evaluations."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Torch CPU threads."),
+    hard_negatives: bool = typer.Option(True, "--hard-negatives/--no-hard-negatives",
+                                        help="One extra caption per image naming an absent class."),
+) -> None:
+    """Retrain the shipped tiny CLIP on the shapes world; recipe options left out keep the shipped recipe's value."""
+    from pipeline.config import preset as load_preset
     from stages import toy_clip as stage
 
-    stage.main(ctx.args)
+    recipe = stage.recipe_from(ctx.params)
+    out = out or Path(load_preset("shapes").model.pretrained)
+    _print(stage.run(recipe, out, workdir, resume=resume, stop_at=stop_at, log=typer.echo))
 
 
 if __name__ == "__main__":

@@ -49,14 +49,13 @@ from pipeline.config import CLIPES_CRF, Config, DemoConfig, preset  # noqa: E402
 from pipeline.refinement.crf import crf_labels, dense_crf  # noqa: E402
 from pipeline.data import shapes  # noqa: E402
 from pipeline.data.images import load_mask, load_rgb  # noqa: E402
-from pipeline.metrics import ConfusionMatrix  # noqa: E402
+from pipeline.metrics import ConfusionMatrix, multi_hot, presence_map  # noqa: E402
 from pipeline.refinement.par import PAR  # noqa: E402
 from pipeline.refinement.pseudo_label import online_pseudo_label  # noqa: E402
 from pipeline.refinement.refine import cam_scores, cams_to_labels, refine_cams, static_affinity, upsample_cams  # noqa: E402
 from pipeline.model.text import class_set, text_embeddings  # noqa: E402
 from stages import evaluate as evaluate_stage, extract, train  # noqa: E402
 from stages.demo import shapes_dataset  # noqa: E402
-from stages.toy_clip import multi_hot, presence_map  # noqa: E402
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Streaming confusion matrix and mIoU (ALGORITHM.md §5.3, §8.1 step 7).
+"""Streaming confusion matrix and mIoU (ALGORITHM.md §5.3, §8.1 step 7); image-level presence mAP.
 
 Rows are ground truth, columns predictions. Pixels whose GT is `ignore_index` (255) are skipped.
 IoU_c = TP / (TP + FP + FN); mIoU is the mean over the classes that have GT pixels (the released
@@ -7,7 +7,7 @@ worker processes can be shipped as JSON and summed with `merge`.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -101,3 +101,28 @@ class ConfusionMatrix:
         return {"miou": clean(self.miou()), "pixel_accuracy": clean(self.pixel_accuracy()),
                 "pixels": self.pixel_count,
                 "iou": {name: clean(v) for name, v in zip(class_names, self.iou())}}
+
+
+def average_precision(scores: np.ndarray, positives: np.ndarray) -> float:
+    """AP of one class: mean over the positives of the precision at their rank (scores descending, stable); nan
+    without positives."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    hits = np.asarray(positives, dtype=bool)[order]
+    if not hits.any():
+        return float("nan")
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float(precision[hits].mean())
+
+
+def presence_map(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Presence mAP: the mean over classes (with at least one positive) of the per-class AP. scores, labels: N×C."""
+    aps = [average_precision(scores[:, c], labels[:, c]) for c in range(scores.shape[1])]
+    return float(np.nanmean(aps))
+
+
+def multi_hot(label_lists: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
+    """N×C bool from per-image class lists: the `labels` of `presence_map`."""
+    out = np.zeros((len(label_lists), num_classes), dtype=bool)
+    for row, labels in enumerate(label_lists):
+        out[row, list(labels)] = True
+    return out

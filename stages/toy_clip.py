@@ -1,435 +1,79 @@
-"""Stage `toy_clip`: train the embedded tiny CLIP ('weclip-tiny') on the shapes world and ship it (DESIGN.md §5).
+"""`weclip toy-clip`: train the embedded tiny CLIP ('weclip-tiny') on the shapes world and ship it (DESIGN.md §5).
 
-Nothing pretrained can be downloaded here, so the project trains its own small open_clip CLIP on image–caption pairs
-of `pipeline/data/shapes.py`, contrastively, on a CPU, and ships it as a float16 state dict that
-`open_clip.create_model('weclip-tiny', pretrained=PATH)` and `FrozenCLIP.load('weclip-tiny', PATH)` load.
-
-Choices (the architecture is `pipeline/model_configs/weclip-tiny.json`; the rest are `ToyClipRecipe` fields):
-- Architecture: ViT width 96, patch 16, 224 px, QuickGELU, **3 blocks**; text tower width 64, 2 blocks, context 24,
-  the standard 49,408-token vocabulary. Depth was chosen by CAM quality, not presence: every 6-block variant tried
-  (CLS or patch-mean pooling, larger objects, logit scale 100, with or without patch dropout) reached presence mAP
-  ≥ 0.99 but raw-CAM mIoU 16–39, because its patch tokens at the last block's input already carry the global
-  summary (background patches end up more similar to the class prompt than the object's own patches), so
-  Grad-CAM lights the background; with 3 blocks the tokens stay local and raw CAMs reach ~50.
-- Input: the shapes preset's extraction input, i.e. ImageNet mean/std on the 0..255 scale (ALGORITHM.md §0.1 item 5,
-  `pipeline.data.augment.normalise`), 224×224. The image embedding is open_clip's `pool_type='avg'` (ln_post on all
-  tokens, mean of the patch tokens, proj): the pooling the CAM uses (ALGORITHM.md §3.2 step 5).
-- Captions teach exactly the sentences the CAM scores (ALGORITHM.md §3.3): each image gets one caption drawn from
-  four kinds — every object + background ("a photo of a ball and a star on grass."), a subset of its objects with
-  or without the background, one object alone ("a photo of a ball.", the class prompt), the background alone
-  ("a photo of grass.", a background prompt). Objects are named in random order.
-- Targets: the standard symmetric InfoNCE of CLIP, except that a caption that is *true* of several images in the
-  batch (every named object is in the image, and the named background if any) has all of them as positives,
-  uniformly weighted (a batch of 32 holds ~5 images per class, so "a photo of a ball." is true of several). With
-  one positive per row this is exactly CLIP's loss.
-- Hard negatives (NegCLIP-style, text only): per image one extra caption with one named object replaced by a
-  class absent from the image. They are extra columns of the image→text softmax; they have no image of their own.
-- Patch dropout (FLIP): half of the patch tokens are dropped during most of training (about 2× cheaper per step);
-  the last `unmasked_fraction` of the steps runs on all tokens, as at inference.
-- One thread: on a CPU shared with other jobs, two OpenMP threads spent ~4× the CPU time per image.
-
-Every batch is a pure function of (seed, step), so `--resume` continues a stopped run from its last state file.
+The recipe and the reasons for it are `pipeline.model.toy_clip`. This stage trains it (resumable, in pieces with
+`stop_at`), writes the float16 checkpoint and, next to it, its record: the recipe, the `weclip toy-clip` command
+that rebuilds it and the presence mAP of the weights as shipped.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import math
-import os
 import shlex
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping
 
-import numpy as np
-import open_clip
-import torch
-import torch.nn.functional as F
-from open_clip.transformer import PatchDropout
-from torch import nn
+from pipeline.files import atomic_write_text
+from pipeline.model.toy_clip import (ToyClipRecipe, Validation, checkpoint_record, load_fp16, repo_relative,
+                                     save_fp16, train)
 
-from pipeline.files import sha256_file
-from pipeline.model.backbone import register_model_configs
-from pipeline.data import augment
-from pipeline.config import preset
-from pipeline.data import shapes
-from pipeline.model.text import class_set
-
-MAX_CHECKPOINT_BYTES = 20 * 1024 * 1024  # the shipped checkpoint must stay small (issue 3)
+# Recipe fields settable from the command line (the rest are fixed by the recipe's defaults); `hard_negatives` is
+# the flag --hard-negatives/--no-hard-negatives.
+CLI_FIELDS = ("seed", "steps", "batch_size", "lr", "warmup_steps", "weight_decay", "patch_dropout",
+              "unmasked_fraction", "val_count", "eval_every", "threads")
+CLI_FLAGS = ("hard_negatives",)
 
 
-@dataclass(frozen=True)
-class ToyClipRecipe:
-    """Everything that determines the shipped tiny CLIP. Defaults are the recipe of the shipped checkpoint."""
-    model: str = "weclip-tiny"  # pipeline/model_configs/weclip-tiny.json
-    seed: int = 0  # training world seed and torch seed
-    image_size: int = 224
-    steps: int = 600
-    batch_size: int = 32
-    lr: float = 2e-3
-    min_lr: float = 1e-5
-    warmup_steps: int = 100
-    weight_decay: float = 0.1  # on matrices only (not biases, norms, embeddings, logit scale)
-    init_temperature: float = 0.07  # CLIP's initial τ; logit scale = 1/τ, learned, capped at 100
-    # probabilities of the caption kinds: (all objects + bg, object subset ± bg, one object, background only)
-    caption_mix: tuple[float, float, float, float] = (0.3, 0.3, 0.25, 0.15)
-    hard_negatives: bool = True
-    flip_prob: float = 0.5
-    patch_dropout: float = 0.5
-    unmasked_fraction: float = 0.1
-    val_seed: int = 1000  # held-out world for the presence mAP logged during training
-    val_count: int = 200
-    eval_every: int = 100
-    save_every: int = 100
-    threads: int = 1  # on a shared CPU, one thread wastes far less time in OpenMP barriers than two
-
-    @property
-    def template(self) -> str:
-        return preset("shapes").text.template
+def recipe_from(options: Mapping[str, Any]) -> ToyClipRecipe:
+    """The recipe of command-line option values: the recipe fields among `options`, None meaning the default."""
+    settable = CLI_FIELDS + CLI_FLAGS
+    return ToyClipRecipe(**{k: v for k, v in options.items() if k in settable and v is not None})
 
 
-@dataclass(frozen=True)
-class CaptionSpec:
-    """What a caption names: objects in the order they are written, and a background (None: not named)."""
-    objects: tuple[int, ...]
-    background: int | None
-
-    def text(self, template: str) -> str:
-        return template.format(shapes.describe(self.objects, self.background))
-
-    def true_of(self, labels: Sequence[int], background: int) -> bool:
-        """A caption is true of an image that contains every object it names, on the background it names."""
-        return set(self.objects) <= set(labels) and self.background in (None, background)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Captions and targets (pure)
-
-
-def sample_caption(rng: np.random.Generator, labels: Sequence[int], background: int,
-                   mix: Sequence[float]) -> CaptionSpec:
-    """One true caption of an image, of a kind drawn from `mix` (see the module docstring)."""
-    kind = int(rng.choice(4, p=np.asarray(mix) / np.sum(mix)))
-    order = tuple(int(c) for c in rng.permutation(list(labels)))
-    if kind == 0:
-        return CaptionSpec(order, background)
-    if kind == 1:
-        keep = int(rng.integers(1, len(order) + 1))
-        return CaptionSpec(order[:keep], background if rng.random() < 0.5 else None)
-    if kind == 2:
-        return CaptionSpec(order[:1], None)
-    return CaptionSpec((), background)
-
-
-def hard_negative(rng: np.random.Generator, spec: CaptionSpec, labels: Sequence[int], background: int,
-                  num_classes: int, num_backgrounds: int) -> CaptionSpec:
-    """The caption with one named object replaced by a class absent from the image (or, for a background-only
-    caption, another background)."""
-    if not spec.objects:
-        other = [b for b in range(num_backgrounds) if b != background]
-        return CaptionSpec((), int(rng.choice(other)))
-    absent = [c for c in range(num_classes) if c not in labels]
-    objects = list(spec.objects)
-    objects[int(rng.integers(len(objects)))] = int(rng.choice(absent))
-    return CaptionSpec(tuple(objects), spec.background)
-
-
-def truth_matrix(specs: Sequence[CaptionSpec], labels: Sequence[Sequence[int]],
-                 backgrounds: Sequence[int]) -> torch.Tensor:
-    """B×T bool: caption t is true of image b."""
-    return torch.tensor([[s.true_of(lab, bg) for s in specs] for lab, bg in zip(labels, backgrounds)])
-
-
-def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
-                     truth: torch.Tensor, paired: int) -> torch.Tensor:
-    """Symmetric InfoNCE with every true pair a positive (uniform soft targets).
-
-    image_emb B×E and text_emb T×E are L2-normalised; truth B×T; the first `paired` texts are the batch's own
-    captions (each true of at least its own image) and take part in the text→image direction, the rest (hard
-    negatives) only in image→text. With truth = identity this is CLIP's loss.
-    """
-    logits = logit_scale * image_emb @ text_emb.T
-    target = truth.float()
-    image_to_text = -(target / target.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
-    paired_target = target[:, :paired]
-    text_to_image = -(paired_target / paired_target.sum(0, keepdim=True)
-                      * logits[:, :paired].log_softmax(0)).sum(0).mean()
-    return (image_to_text + text_to_image) / 2
-
-
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    """B×H×W×3 uint8 → B×3×H×W float, normalised exactly as the shapes preset's extraction normalises
-    (`pipeline.data.augment.normalise` with `preset('shapes').model.normalisation`: ImageNet mean/std, 0..255 scale)."""
-    return augment.normalise(images.permute(0, 3, 1, 2), preset("shapes").model.normalisation)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Presence evaluation (pure maths + model glue)
-
-
-def average_precision(scores: np.ndarray, positives: np.ndarray) -> float:
-    """AP of one class: mean over the positives of the precision at their rank (scores descending, stable)."""
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    hits = np.asarray(positives, dtype=bool)[order]
-    if not hits.any():
-        return float("nan")
-    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-    return float(precision[hits].mean())
-
-
-def presence_map(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Mean over classes (with at least one positive) of the per-class AP. scores, labels: N×C."""
-    aps = [average_precision(scores[:, c], labels[:, c]) for c in range(scores.shape[1])]
-    return float(np.nanmean(aps))
-
-
-def multi_hot(label_lists: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
-    out = np.zeros((len(label_lists), num_classes), dtype=bool)
-    for row, labels in enumerate(label_lists):
-        out[row, list(labels)] = True
-    return out
-
-
-@torch.no_grad()
-def presence_scores(model: nn.Module, tokenizer: Callable, images: torch.Tensor, template: str,
-                    batch_size: int = 50) -> np.ndarray:
-    """N×C cosine similarity of each image (B×H×W×3 uint8) with each class prompt of the shapes class set."""
-    names = class_set("shapes")
-    text = F.normalize(model.encode_text(tokenizer([template.format(n) for n in names.prompt_names])), dim=-1)
-    rows = [F.normalize(model.encode_image(normalise(images[i:i + batch_size])), dim=-1) @ text.T
-            for i in range(0, len(images), batch_size)]
-    return torch.cat(rows).numpy()
-
-
-def held_out(seed: int, count: int, size: int, template: str) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
-    """A held-out world: (N×H×W×3 uint8 images, per-image labels)."""
-    samples = list(shapes.iter_samples(seed, size, template, count=count))
-    return torch.from_numpy(np.stack([s.image for s in samples])), [s.labels for s in samples]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training
-
-
-class CaptionedBatches(torch.utils.data.IterableDataset):
-    """Batches `start..end-1`; batch k holds world samples k·B … k·B+B−1 and is a pure function of (seed, k)."""
-
-    def __init__(self, recipe: ToyClipRecipe, start: int, end: int) -> None:
-        self.recipe, self.start, self.end = recipe, start, end
-
-    def __iter__(self):
-        r = self.recipe
-        tokenizer = open_clip.get_tokenizer(r.model)
-        names = class_set("shapes")
-        for step in range(self.start, self.end):
-            rng = np.random.default_rng([r.seed, step, 1])
-            batch = [shapes.sample(r.seed, step * r.batch_size + i, r.image_size, r.template)
-                     for i in range(r.batch_size)]
-            images = np.stack([s.image[:, ::-1] if rng.random() < r.flip_prob else s.image for s in batch])
-            labels = [s.labels for s in batch]
-            backgrounds = [s.background for s in batch]
-            specs = [sample_caption(rng, s.labels, s.background, r.caption_mix) for s in batch]
-            if r.hard_negatives:
-                specs += [hard_negative(rng, spec, s.labels, s.background, names.num_classes, len(names.background))
-                          for spec, s in zip(specs, batch)]
-            yield (step, torch.from_numpy(images.copy()), tokenizer([s.text(r.template) for s in specs]),
-                   truth_matrix(specs, labels, backgrounds))
-
-
-def build_model(recipe: ToyClipRecipe) -> nn.Module:
-    """The untrained architecture (logit scale initialised to 1/init_temperature)."""
-    register_model_configs()
-    torch.manual_seed(recipe.seed)
-    model = open_clip.create_model(recipe.model, pretrained=None)
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(1 / recipe.init_temperature))
-    return model
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        is_matrix = p.ndim >= 2 and "embedding" not in name
-        (decay if is_matrix else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def learning_rate(recipe: ToyClipRecipe, step: int) -> float:
-    """Linear warm-up, then cosine decay to min_lr."""
-    if step < recipe.warmup_steps:
-        return recipe.lr * (step + 1) / recipe.warmup_steps
-    progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
-    return recipe.min_lr + 0.5 * (recipe.lr - recipe.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def _set_patch_dropout(model: nn.Module, prob: float) -> None:
-    """Swap the (parameter-free) patch-dropout module; the state dict is unchanged."""
-    model.visual.patch_dropout = PatchDropout(prob) if prob > 0 else nn.Identity()
-
-
-@dataclass
-class TrainResult:
-    model: nn.Module  # eval mode, no patch dropout
-    history: list[dict[str, float]]  # per evaluation: step, mean loss, presence mAP on the held-out world, …
-    step: int  # steps done; < recipe.steps when stopped early by `stop_at`
-
-
-def train(recipe: ToyClipRecipe, workdir: Path, resume: bool = False, stop_at: int | None = None,
-          log: Callable[[str], None] = print) -> TrainResult:
-    """Train; every `save_every` steps the full state goes to `workdir/state.pt`. `resume` continues from it;
-    `stop_at` ends the run after that step of the schedule (state saved), so a long recipe can run in pieces."""
-    torch.set_num_threads(recipe.threads)
-    workdir.mkdir(parents=True, exist_ok=True)
-    state_path = workdir / "state.pt"
-    model = build_model(recipe)
-    optimizer = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.98),
-                                  eps=1e-6)
-    start, history, elapsed = 0, [], 0.0
-    if resume and state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        if state["recipe"] != asdict(recipe):
-            raise ValueError(f"{state_path} was written by another recipe; delete it or run without --resume")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, history, elapsed = state["step"], state["history"], state["seconds"]
-        log(f"resumed at step {start}")
-    val_images, val_labels = held_out(recipe.val_seed, recipe.val_count, recipe.image_size, recipe.template)
-    val_truth = multi_hot(val_labels, class_set("shapes").num_classes)
-    tokenizer = open_clip.get_tokenizer(recipe.model)
-    unmasked_from = int(recipe.steps * (1 - recipe.unmasked_fraction))
-    end = recipe.steps if stop_at is None else min(stop_at, recipe.steps)
-    loader = torch.utils.data.DataLoader(CaptionedBatches(recipe, start, end), batch_size=None, num_workers=1,
-                                         prefetch_factor=2)
-    model.train()
-    tic, running = time.time() - elapsed, []  # seconds count over all pieces of a resumed run
-    for step, images, tokens, truth in loader:
-        torch.manual_seed(recipe.seed * 1_000_003 + step)  # patch dropout of step k is the same after a resume
-        _set_patch_dropout(model, recipe.patch_dropout if step < unmasked_from else 0.0)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(recipe, step)
-        image_emb = F.normalize(model.encode_image(normalise(images)), dim=-1)
-        text_emb = F.normalize(model.encode_text(tokens), dim=-1)
-        loss = contrastive_loss(image_emb, text_emb, model.logit_scale.exp(), truth, recipe.batch_size)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        running.append(loss.detach().item())
-        done = step + 1
-        if done % recipe.eval_every == 0 or done == recipe.steps:
-            model.eval()
-            score = presence_map(presence_scores(model, tokenizer, val_images, recipe.template), val_truth)
-            model.train()
-            history.append({"step": done, "loss": float(np.mean(running)), "presence_map": score,
-                            "logit_scale": float(model.logit_scale.detach().exp()), "seconds": time.time() - tic})
-            log(json.dumps(history[-1]))
-            running = []
-        if done % recipe.save_every == 0 or done == end:
-            torch.save({"recipe": asdict(recipe), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "step": done, "history": history, "seconds": time.time() - tic}, state_path.with_suffix(".tmp"))
-            state_path.with_suffix(".tmp").replace(state_path)
-    _set_patch_dropout(model, 0.0)
-    return TrainResult(model.eval(), history, max(start, end))
-
-
-def save_fp16(model: nn.Module, path: Path) -> int:
-    """Write the state dict in float16 (what `open_clip.create_model(..., pretrained=path)` reads); returns bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    torch.save(state, path)
-    size = path.stat().st_size
-    if size > MAX_CHECKPOINT_BYTES:
-        raise ValueError(f"{path} is {size / 2**20:.1f} MiB, over the {MAX_CHECKPOINT_BYTES / 2**20:.0f} MiB limit; "
-                         "make the model config (pipeline/model_configs/) smaller, e.g. the text width")
-    return size
+def rebuild_command(recipe: ToyClipRecipe, out: Path) -> str | None:
+    """The command line, run from the repository root, that retrains this recipe into `out`, every option spelled
+    out; None when the recipe sets a field the command line cannot (then no command reproduces it)."""
+    fixed = [f.name for f in fields(ToyClipRecipe) if f.name not in CLI_FIELDS + CLI_FLAGS]
+    if any(getattr(recipe, name) != getattr(ToyClipRecipe(), name) for name in fixed):
+        return None
+    args = [f"--{name.replace('_', '-')}={getattr(recipe, name)}" for name in CLI_FIELDS]
+    args += [f"--{'' if getattr(recipe, name) else 'no-'}{name.replace('_', '-')}" for name in CLI_FLAGS]
+    return shlex.join(["weclip", "toy-clip", f"--out={repo_relative(out)}", *args])
 
 
 @dataclass
 class ToyClipSummary:
-    checkpoint: Path
-    record: Path
-    bytes: int
-    presence_map: float
+    """A run's end: the steps done and, once the recipe's last step is done, the shipped checkpoint and its record."""
+    step: int
+    steps: int
     history: list[dict[str, float]] = field(default_factory=list)
+    checkpoint: Path | None = None  # None: stopped early, only the training state was written
+    record: Path | None = None
+    bytes: int = 0
+    presence_map: float | None = None  # of the float16 weights as shipped, on the recipe's held-out world
 
     def to_dict(self) -> dict[str, Any]:
-        return {"checkpoint": str(self.checkpoint), "record": str(self.record), "bytes": self.bytes,
-                "presence_map": self.presence_map}
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items() if k != "history"}
+
+    def format(self) -> str:
+        if self.checkpoint is None:
+            return f"stopped after step {self.step} of {self.steps}; continue with --resume"
+        return (f"tiny CLIP: {self.checkpoint} ({self.bytes / 2**20:.1f} MiB, presence mAP {self.presence_map:.4f}); "
+                f"record {self.record}")
 
 
 def run(recipe: ToyClipRecipe, out: Path, workdir: Path, resume: bool = False, stop_at: int | None = None,
-        command: str = "", log: Callable[[str], None] = print) -> ToyClipSummary | None:
+        log: Callable[[str], None] = print) -> ToyClipSummary:
     """Train, save `out` (fp16 state dict) and `out.with_suffix('.json')`: recipe, rebuild command, measured quality.
 
-    The presence mAP here is measured on the float16 weights as shipped, on the recipe's held-out world. Returns
-    None (and writes nothing but the training state) when `stop_at` ends the run before the recipe's last step.
+    The presence mAP here is measured on the float16 weights as shipped, on the recipe's held-out world. When
+    `stop_at` ends the run before the recipe's last step only the training state in `workdir` is written.
     """
     result = train(recipe, workdir, resume, stop_at, log)
     if result.step < recipe.steps:
-        log(f"stopped after step {result.step} of {recipe.steps}; continue with --resume")
-        return None
-    history = result.history
+        return ToyClipSummary(result.step, recipe.steps, result.history)
     size = save_fp16(result.model, out)
-    register_model_configs()
-    shipped = open_clip.create_model(recipe.model, pretrained=str(out)).eval()
-    val_images, val_labels = held_out(recipe.val_seed, recipe.val_count, recipe.image_size, recipe.template)
-    score = presence_map(presence_scores(shipped, open_clip.get_tokenizer(recipe.model), val_images, recipe.template),
-                         multi_hot(val_labels, class_set("shapes").num_classes))
+    score = Validation.of(recipe).presence_map(load_fp16(recipe.model, out))
     record = out.with_suffix(".json")
-    record.write_text(json.dumps({
-        "model": recipe.model,
-        "checkpoint": out.name,
-        "bytes": size,
-        "sha256": sha256_file(out),
-        "dtype": "float16",
-        "normalisation": preset("shapes").model.normalisation,
-        "template": recipe.template,
-        "recipe": asdict(recipe),
-        "command": command,
-        "train_seconds": round(history[-1]["seconds"], 1),
-        "history": history,
-        "presence_map_fp16": score,
-        # CAM figures: `benchmarks/shapes_quality.py --record` fills this in for the checkpoint with this sha256
-        "quality": {},
-    }, indent=2) + "\n")
-    return ToyClipSummary(out, record, size, score, history)
-
-
-# Recipe fields settable from the command line (the rest are fixed by the recipe's defaults).
-CLI_FIELDS = ("seed", "steps", "batch_size", "lr", "warmup_steps", "weight_decay", "patch_dropout",
-              "unmasked_fraction", "val_count", "eval_every", "threads")
-
-
-def rebuild_command(recipe: ToyClipRecipe, out: Path) -> str:
-    """The command line that retrains this recipe into `out`, every CLI field spelled out."""
-    args = [f"--{name.replace('_', '-')}={getattr(recipe, name)}" for name in CLI_FIELDS]
-    if not recipe.hard_negatives:
-        args.append("--no-hard-negatives")
-    return shlex.join([".venv/bin/python", "-m", "stages.toy_clip", f"--out={out}", *args])
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m stages.toy_clip [--steps N ...]`: retrain the tiny CLIP (defaults: the shipped recipe)."""
-    defaults = ToyClipRecipe()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(preset("shapes").model.pretrained))
-    parser.add_argument("--workdir", type=Path, default=Path("runs/toy_clip"))
-    parser.add_argument("--resume", action="store_true", help="continue from WORKDIR/state.pt")
-    parser.add_argument("--stop-at", type=int, help="stop after this step (state saved); continue with --resume")
-    for name in CLI_FIELDS:
-        parser.add_argument("--" + name.replace("_", "-"), type=type(getattr(defaults, name)),
-                            default=getattr(defaults, name))
-    parser.add_argument("--no-hard-negatives", dest="hard_negatives", action="store_false")
-    args = parser.parse_args(argv)
-    recipe = ToyClipRecipe(**{k: v for k, v in vars(args).items() if k in ToyClipRecipe.__dataclass_fields__})
-    command = rebuild_command(recipe, Path(os.path.relpath(args.out)))  # run from the repository root
-    summary = run(recipe, args.out, args.workdir, args.resume, args.stop_at, command,
-                  log=lambda line: print(line, flush=True))
-    if summary is not None:
-        print(json.dumps(summary.to_dict()))
-
-
-if __name__ == "__main__":
-    main()
+    atomic_write_text(record, json.dumps(checkpoint_record(recipe, out, result.history, score,
+                                                           rebuild_command(recipe, out)), indent=2) + "\n")
+    return ToyClipSummary(result.step, recipe.steps, result.history, out, record, size, score)
