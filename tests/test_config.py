@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from cli import _config
 from pipeline.config import (CLIPES_CRF, PRESETS, Config, CrfParams, DemoConfig, ManifestConfig, ParConfig,
                              RefineConfig, Rule, preset, set_field)
 from pipeline.errors import ConfigError
@@ -218,3 +219,22 @@ def test_set_field_reaches_nested_sections_and_needs_one():
     assert set_field(Config(), "eval.crf_params.iterations", 5).eval.crf_params.iterations == 5
     assert set_field(Config(), "train.iterations", 7).train == dataclasses.replace(Config().train, iterations=7)
     assert override_error("iterations", 7) == "'iterations' names no section; write section.field, e.g. train.iterations"
+
+
+def test_cli_set_parses_json_and_applies_in_order():
+    cfg = _config("voc", ["train.iterations=10", "model.pretrained=null", "extract.attn_layers=[11, 12]",
+                          "eval.crf=true", "model.name=RN50", "eval.crf_params.iterations=4", "train.iterations=12"])
+    expected = preset("voc").replace(train={"iterations": 12}, model={"pretrained": None, "name": "RN50"},
+                                     extract={"attn_layers": (11, 12)}, eval={"crf": True, "crf_params": {"iterations": 4}})
+    assert cfg == expected
+
+
+@pytest.mark.parametrize("item, message", [
+    ("refine.rfm_filter=absx", "refine.rfm_filter = 'absx' is not one of 'signed', 'abs'"),
+    ("train.iterations=abc", "train.iterations = 'abc' must be an int"),
+    ("train.iterations=1e4", "train.iterations = 10000.0 must be an int"),
+    ("train.iterations", "--set 'train.iterations' has no '='; write section.field=value, e.g. --set train.iterations=1000"),
+    ("iterations=3", "'iterations' names no section; write section.field, e.g. train.iterations"),
+])
+def test_cli_set_errors_are_config_errors(item, message):
+    assert error(lambda: _config("voc", [item])) == message
