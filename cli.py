@@ -52,28 +52,27 @@ def _command_line() -> str:
 
 
 def _config(preset: str, overrides: Optional[list[str]] = None):
-    """Preset + `--set section.field=value` overrides (values parsed as JSON when they parse)."""
-    from pipeline.config import preset as load_preset
+    """Preset + `--set section.field=value` overrides, applied in order; a value is parsed as JSON when it parses
+    (`null`, `true`, `[1, 2]`), else kept as the string. A bad key or value raises ConfigError naming it, which the
+    CLI prints as one `error:` line."""
+    from pipeline.config import preset as load_preset, set_field
+    from pipeline.errors import ConfigError
 
     cfg = load_preset(preset)
-    sections: dict = {}
     for item in overrides or []:
         key, sep, raw = item.partition("=")
-        if not sep or "." not in key:
-            raise typer.BadParameter(f"--set expects section.field=value, got {item!r}")
-        section, field = key.split(".", 1)
+        if not sep:
+            raise ConfigError(f"--set {item!r} has no '='; write section.field=value, e.g. --set train.iterations=1000")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        sections.setdefault(section, {})[field] = value
-    try:
-        return cfg.replace(**sections)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        cfg = set_field(cfg, key, value)
+    return cfg
 
 
-SetOpt = typer.Option(None, "--set", help="Override a config field, e.g. --set train.iterations=1000 (repeatable).")
+SetOpt = typer.Option(None, "--set", help="Override a config field, e.g. --set train.iterations=1000 or "
+                      "--set eval.crf_params.iterations=5 (repeatable; values are JSON, else strings).")
 
 
 def _print(summary) -> None:

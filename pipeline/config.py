@@ -1,15 +1,27 @@
 """Typed configuration: every default of the project lives here, once.
 
-Defaults follow the authors' released code (see ../shared/ALGORITHM.md); where the paper differs,
+Defaults follow the authors' released code (ALGORITHM.md); where the paper differs,
 the paper's variant is an option and the docstring of the field says so. Presets (`voc`, `coco`,
 `shapes`) are data: a dict of overrides per section, applied by `preset(name)`.
+
+Every field is checked against its annotation whenever a config is made (defaults, presets, checkpoints,
+`replace`, `--set`): its type, its Literal choices and the range or structural `Rule`s attached with `Annotated`
+(`PosInt`, `Fraction`, `Blocks`, ...). A bad value is a ConfigError naming the dotted field, the value and what
+is allowed, so it fails at start-up rather than when a stage first reads it (RFM's filter: step 15,000 on VOC).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import numbers
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Callable, Literal, Mapping
+
+from pipeline.errors import ConfigError
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # 0..255 scale, WeCLIP transforms
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -20,31 +32,148 @@ CAFFE_BGR_MEAN = (104.008, 116.669, 122.675)  # CLIP-ES CRF image quirk (eval_ca
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class Rule:
+    """A fact a field's value must hold, attached to its annotation (`Annotated[int, at_least(1)]`), so that the
+    range of a field is read where the field is declared; `says` completes the error "... must be <says>"."""
+    holds: Callable[[Any], bool]
+    says: str
+
+
+def at_least(low: float) -> Rule:
+    return Rule(lambda x: x >= low, f">= {low}")
+
+
+def above(low: float) -> Rule:
+    return Rule(lambda x: x > low, f"> {low}")
+
+
+def within(low: float, high: float, *, high_open: bool = False) -> Rule:
+    """[low, high], or [low, high) with `high_open` (Adam's betas must stay below 1)."""
+    if high_open:
+        return Rule(lambda x: low <= x < high, f"in [{low}, {high})")
+    return Rule(lambda x: low <= x <= high, f"in [{low}, {high}]")
+
+
+PosInt = Annotated[int, at_least(1)]  # a count or size: at least one
+NonNegInt = Annotated[int, at_least(0)]  # a seed, an iteration number, a retry or worker count (0 = in process)
+PosFloat = Annotated[float, above(0)]
+NonNegFloat = Annotated[float, at_least(0)]  # a weight or resource amount where 0 switches the thing off
+Fraction = Annotated[float, within(0, 1)]  # a probability or a threshold on scores in [0, 1]
+Beta = Annotated[float, within(0, 1, high_open=True)]  # an Adam moment decay
+NON_EMPTY = Rule(lambda t: len(t) > 0, "non-empty")
+ASCENDING = Rule(lambda t: all(a < b for a, b in zip(t, t[1:])), "distinct and ascending")
+LOW_HIGH = Rule(lambda t: t[0] <= t[1], "(low, high) with low <= high")
+Blocks = Annotated[tuple[PosInt, ...], NON_EMPTY, ASCENDING]  # 1-based transformer block numbers
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """Field annotations as objects (this module's `from __future__ import annotations` leaves them strings)."""
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _check(value: Any, hint: Any, path: str) -> Any:
+    """`value` as a field annotated `hint` stores it (list -> tuple, int -> float), or ConfigError naming `path`."""
+    rules: tuple[Rule, ...] = ()
+    if typing.get_origin(hint) is Annotated:
+        hint, *extras = typing.get_args(hint)
+        rules = tuple(extras)
+    stored = _check_type(value, hint, path)
+    for rule in rules:
+        if not rule.holds(stored):
+            raise ConfigError(f"{path} = {value!r} must be {rule.says}")
+    return stored
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float; bool is an int to Python, but `true` for a number is a slip, so it is refused."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# scalar annotation -> (accepts the value, what the error says it must be); `annotation(value)` is stored
+_SCALARS: dict[type, tuple[Callable[[Any], bool], str]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: _is_number(v) and isinstance(v, numbers.Integral), "an int"),
+    float: (_is_number, "a finite number"),  # an int is accepted and stored as the float
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _check_type(value: Any, hint: Any, path: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        (arm,) = [a for a in args if a is not type(None)]  # only `X | None` is used
+        if value is None:
+            return None
+        try:
+            return _check(value, arm, path)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (or null)") from None
+    if origin is Literal:
+        if not any(type(value) is type(a) and value == a for a in args):
+            raise ConfigError(f"{path} = {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        return _check_tuple(value, args, path)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, hint):
+            raise ConfigError(f"{path} = {value!r} must be a {hint.__name__} (give a dict of its fields)")
+        return value
+    if hint not in _SCALARS:
+        raise TypeError(f"config field {path} has an annotation the checks do not know: {hint!r}")
+    accepts, kind = _SCALARS[hint]
+    if not accepts(value):
+        raise ConfigError(f"{path} = {value!r} must be {kind}")
+    return hint(value)
+
+
+def _check_tuple(value: Any, args: tuple[Any, ...], path: str) -> tuple[Any, ...]:
+    """`tuple[X, ...]` (any length) or `tuple[X, Y]` (that length); a JSON list is accepted as the tuple."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{path} = {value!r} must be a list")
+    items = args[:1] * len(value) if args[1:] == (Ellipsis,) else args
+    if len(items) != len(value):
+        raise ConfigError(f"{path} = {value!r} must have {len(items)} items")
+    return tuple(_check(v, h, f"{path}[{i}]") for i, (v, h) in enumerate(zip(value, items)))
+
+
+class Section:
+    """Base of the config dataclasses: each field is checked against its annotation when an instance is made
+    (defaults, presets, checkpoints, `replace`), so a bad value fails at start-up, not when the code first reads it.
+    Errors of a direct construction name `Class.field`; `apply_overrides` names the dotted path."""
+
+    def __post_init__(self) -> None:
+        cls = type(self)
+        for name, hint in _hints(cls).items():
+            object.__setattr__(self, name, _check(getattr(self, name), hint, f"{cls.__name__}.{name}"))
+
+
+@dataclass(frozen=True)
+class ModelConfig(Section):
     """Frozen open_clip ViT. `pretrained` is an open_clip tag (e.g. 'openai') or a local checkpoint path."""
     name: str = "ViT-B-16-quickgelu"
     pretrained: str | None = "openai"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     normalisation: Literal["imagenet", "clip"] = "imagenet"  # WeCLIP code: ImageNet; CLIP-ES: CLIP stats
-    init_seed: int = 0  # torch seed of a random init (pretrained=None): every extract worker builds the same weights
+    init_seed: NonNegInt = 0  # torch seed of a random init (pretrained=None): every extract worker builds the same weights
 
 
 @dataclass(frozen=True)
-class TextConfig:
+class TextConfig(Section):
     template: str = "a clean origami {}."  # [PW] supplement writes "a clear origami"; code says "clean"
     classes: Literal["voc", "coco", "shapes"] = "voc"  # which class-name and background lists of pipeline/model/text.py
 
 
 @dataclass(frozen=True)
-class AugConfig:
+class AugConfig(Section):
     """One training view: random rescale, h-flip, crop with zero padding (ALGORITHM.md §7.1)."""
-    crop: int = 320
-    scale_range: tuple[float, float] = (0.5, 2.0)
-    flip_prob: float = 0.5
+    crop: PosInt = 320
+    scale_range: Annotated[tuple[PosFloat, PosFloat], LOW_HIGH] = (0.5, 2.0)
+    flip_prob: Fraction = 0.5
 
 
 @dataclass(frozen=True)
-class ManifestConfig:
+class ManifestConfig(Section):
     """Building a dataset manifest (DESIGN.md §3.1, ALGORITHM.md §2); used by stages/manifest.py."""
     voc_split: str = "train_aug"  # WeCLIP trains VOC on train_aug (10,582 ids), ALGORITHM.md §7.1
     coco_split: str = "train"  # COCO train2014
@@ -57,85 +186,85 @@ class ManifestConfig:
 
 
 @dataclass(frozen=True)
-class RefineConfig:
+class RefineConfig(Section):
     """CAA (static) and RFM (dynamic) refinement, ALGORITHM.md §5.2 and §6.4."""
-    sinkhorn_rounds: int = 3
-    box_threshold: float = 0.4  # lambda: 0.4 VOC, 0.7 COCO
+    sinkhorn_rounds: PosInt = 3
+    box_threshold: Fraction = 0.4  # lambda: 0.4 VOC, 0.7 COCO
     box_mode: Literal["released", "fixed"] = "released"  # released: half-open box slice (last row/col never a source)
-    static_layers: int = 8  # CAA: mean of the last 8 attention maps (blocks 5..12)
-    rfm_layers: int = 6  # RFM: last 6 (VOC) / 10 (COCO) maps; paper N0=6 means 7 maps
+    static_layers: PosInt = 8  # CAA: mean of the last 8 attention maps (blocks 5..12)
+    rfm_layers: PosInt = 6  # RFM: last 6 (VOC) / 10 (COCO) maps; paper N0=6 means 7 maps
     rfm_filter: Literal["signed", "abs"] = "signed"  # code: signed sum; paper Eq. 5: |A_f - A_s|
-    rfm_start_iter: int = 15000  # static CAA before this many training iterations (VOC 15k, COCO 40k)
-    bg_power: float = 1.0  # bg = (1 - max fg)^p
+    rfm_start_iter: NonNegInt = 15000  # static CAA before this many training iterations (VOC 15k, COCO 40k)
+    bg_power: PosFloat = 1.0  # bg = (1 - max fg)^p
 
 
 @dataclass(frozen=True)
-class ParConfig:
-    num_iter: int = 20
-    dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
-    w1: float = 0.3
-    w2: float = 0.01
+class ParConfig(Section):
+    num_iter: NonNegInt = 20  # 0: PAR leaves the maps as they are
+    dilations: Annotated[tuple[PosInt, ...], NON_EMPTY] = (1, 2, 4, 8, 12, 24)
+    w1: PosFloat = 0.3
+    w2: NonNegFloat = 0.01
 
 
 @dataclass(frozen=True)
-class ExtractConfig:
-    views: int = 4
-    seed: int = 1
-    samples_per_shard: int = 64
-    batch_size: int = 8
+class ExtractConfig(Section):
+    views: PosInt = 4
+    seed: NonNegInt = 1
+    samples_per_shard: PosInt = 64
+    batch_size: PosInt = 8
     dtype: Literal["float16", "float32", "bfloat16"] = "float16"
     compressor: str = "blosc-zstd:1"  # smallest at >100 MB/s write (benchmarks/results/cache_codecs.json)
-    feature_layers: tuple[int, ...] = tuple(range(1, 12))  # 1-based blocks feeding the decoder (code: 1..11)
+    feature_layers: Blocks = tuple(range(1, 12))  # 1-based blocks feeding the decoder (code: 1..11)
     # 1-based blocks whose attention is stored: CAA needs the last 8 (5..12), RFM the last 6 (VOC) / 10 (COCO)
-    attn_layers: tuple[int, ...] = tuple(range(5, 13))
-    cpus_per_task: float = 1.0  # Ray: CPUs reserved per shard task (torch uses that many threads in it)
-    gpus_per_task: float = 1.0  # Ray: GPUs per shard task when the cluster has GPUs (the task then runs on cuda)
-    max_retries: int = 3  # Ray: re-runs of a shard task whose worker died (idempotent shard writes, DESIGN.md §3.3)
+    attn_layers: Blocks = tuple(range(5, 13))
+    cpus_per_task: NonNegFloat = 1.0  # Ray: CPUs reserved per shard task (torch uses that many threads in it)
+    gpus_per_task: NonNegFloat = 1.0  # Ray: GPUs per shard task when the cluster has GPUs (the task then runs on cuda)
+    max_retries: NonNegInt = 3  # Ray: re-runs of a shard task whose worker died (idempotent shard writes, DESIGN.md §3.3)
 
 
 @dataclass(frozen=True)
-class DecoderConfig:
-    embed_dim: int = 256
-    layers: int = 3
-    heads: int = 8
-    mlp_dim: int = 1024
-    dropout: float = 0.1
+class DecoderConfig(Section):
+    embed_dim: PosInt = 256
+    layers: PosInt = 3
+    heads: PosInt = 8
+    mlp_dim: PosInt = 1024
+    dropout: Fraction = 0.1
 
 
 @dataclass(frozen=True)
-class LossConfig:
+class LossConfig(Section):
     seg: Literal["balanced", "plain"] = "balanced"  # code: mean of bg CE and fg CE; paper: plain CE
     aff: Literal["linear", "bce"] = "linear"  # code: AFA linear loss; paper Eq. 10: cross-entropy
-    aff_radius: int = 8
-    aff_weight: float = 0.1
+    aff_radius: PosInt = 8
+    aff_weight: NonNegFloat = 0.1
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    iterations: int = 30000
-    batch_size: int = 4
-    lr: float = 2e-3
-    weight_decay: float = 0.01  # paper: 1e-3
-    warmup_iters: int = 50
-    warmup_ratio: float = 1e-6  # warm-up starts at lr * warmup_ratio (utils/optimizer.py, ALGORITHM.md §7.3)
-    poly_power: float = 1.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    seed: int = 1
-    checkpoint_every: int = 2000
-    loader_workers: int = 2  # DataLoader processes that read the cache (0 = in the training process)
+class TrainConfig(Section):
+    iterations: PosInt = 30000
+    batch_size: PosInt = 4
+    lr: PosFloat = 2e-3
+    weight_decay: NonNegFloat = 0.01  # paper: 1e-3
+    warmup_iters: NonNegInt = 50
+    warmup_ratio: Fraction = 1e-6  # warm-up starts at lr * warmup_ratio (utils/optimizer.py, ALGORITHM.md §7.3)
+    poly_power: NonNegFloat = 1.0  # 0: constant lr after the warm-up
+    adam_betas: tuple[Beta, Beta] = (0.9, 0.999)
+    adam_eps: PosFloat = 1e-8
+    seed: NonNegInt = 1
+    checkpoint_every: PosInt = 2000
+    loader_workers: NonNegInt = 2  # DataLoader processes that read the cache (0 = in the training process)
     train_flip: bool = False  # extra h-flip at train time, applied consistently to every cached array
-    views: int | None = None  # train on views 0..views-1 of each cached image (None: all the cache holds)
+    views: PosInt | None = None  # train on views 0..views-1 of each cached image (None: all the cache holds)
 
 
 @dataclass(frozen=True)
-class CrfParams:
-    iterations: int = 10
-    gauss_sxy: float = 3.0
-    gauss_compat: float = 3.0
-    bilateral_sxy: float = 64.0
-    bilateral_srgb: float = 5.0
-    bilateral_compat: float = 4.0
+class CrfParams(Section):
+    iterations: PosInt = 10
+    gauss_sxy: PosFloat = 3.0
+    gauss_compat: NonNegFloat = 3.0
+    bilateral_sxy: PosFloat = 64.0
+    bilateral_srgb: PosFloat = 5.0
+    bilateral_compat: NonNegFloat = 4.0
 
 
 WECLIP_CRF = CrfParams()  # WeCLIP inference (utils/dcrf.py)
@@ -144,37 +273,38 @@ CLIPES_CRF = CrfParams(iterations=10, gauss_sxy=1.0, gauss_compat=3.0,
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    long_side: int = 512
-    scales: tuple[float, ...] = (1.0, 0.75)
+class EvalConfig(Section):
+    long_side: PosInt = 512
+    scales: Annotated[tuple[PosFloat, ...], NON_EMPTY] = (1.0, 0.75)
     flip: bool = True
     crf: bool = False  # released test scripts have CRF commented out; the paper's "w/ CRF" numbers need it
     crf_params: CrfParams = WECLIP_CRF
-    clipes_confidence: float = 0.95  # CLIP-ES CGL in code: CRF posterior max < 0.95 -> 255
+    # CLIP-ES CGL in code: CRF posterior max < 0.95 -> 255 (a value above 1 ignores every pixel)
+    clipes_confidence: NonNegFloat = 0.95
     clipes_crf_params: CrfParams = CLIPES_CRF  # DenseCRF of CLIP-ES pseudo masks (eval_cam_with_crf.py, §5.3)
     # CLIP-ES input statistics (§5.1: CLIP's); "preset" = model.normalisation (the stats the backbone was trained on)
     clipes_normalisation: Literal["clip", "imagenet", "preset"] = "clip"
     # image the CLIP-ES bilateral term sees: "rgb" = the RGB uint8 image; "released" = the released script's
     # mean-subtracted BGR wrapped to uint8 (§0.1 item 12, pipeline/refinement/crf.py `clipes_crf_image`), an opt-in quirk
     clipes_crf_image: Literal["rgb", "released"] = "rgb"
-    crf_workers: int = 2  # DenseCRF worker processes (0 = in the main process)
-    crf_retries: int = 1  # re-runs of an image whose CRF worker raised or died, before the run fails naming it
-    overlay_alpha: float = 0.5  # weight of the label colours in `weclip infer --overlay` images
+    crf_workers: NonNegInt = 2  # DenseCRF worker processes (0 = in the main process)
+    crf_retries: NonNegInt = 1  # re-runs of an image whose CRF worker raised or died, before the run fails naming it
+    overlay_alpha: Fraction = 0.5  # weight of the label colours in `weclip infer --overlay` images
 
 
 @dataclass(frozen=True)
-class DemoConfig:
+class DemoConfig(Section):
     """`weclip demo`: the embedded shapes world end to end (DESIGN.md §5). `quick` is the CI-sized run."""
-    train_images: int = 400
-    val_images: int = 100
-    seed: int = 7
-    quick_train_images: int = 24
-    quick_val_images: int = 8
-    quick_iterations: int = 20
+    train_images: PosInt = 400
+    val_images: PosInt = 100
+    seed: NonNegInt = 7
+    quick_train_images: PosInt = 24
+    quick_val_images: PosInt = 8
+    quick_iterations: PosInt = 20
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     text: TextConfig = field(default_factory=TextConfig)
     aug: AugConfig = field(default_factory=AugConfig)
@@ -195,7 +325,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Config":
-        return apply_overrides(cls(), {k: v for k, v in data.items()})
+        return apply_overrides(cls(), data)
 
 
 # Presets are data: section -> field -> value. `voc` is the dataclass defaults.
@@ -227,22 +357,34 @@ def preset(name: str) -> Config:
     try:
         overrides = PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}") from None
     return Config.from_dict(overrides)
 
 
-def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
-    """Recursively replace dataclass fields; lists become tuples where the field is a tuple."""
+def apply_overrides(cfg: Any, overrides: Mapping[str, Any], prefix: str = "") -> Any:
+    """Recursively replace dataclass fields, each value checked under its dotted name (`eval.crf_params.iterations`,
+    which a `Section` built on its own cannot know); lists become tuples where the field is a tuple."""
     changes: dict[str, Any] = {}
-    names = {f.name for f in dataclasses.fields(cfg)}
+    hints = _hints(type(cfg))
     for key, value in overrides.items():
-        if key not in names:
-            raise ValueError(f"{type(cfg).__name__} has no field {key!r}; fields: {sorted(names)}")
+        path = f"{prefix}{key}"
+        if key not in hints:
+            where = prefix.rstrip(".") or "the config"
+            raise ConfigError(f"{path!r} is not a config field; {where} has {', '.join(sorted(hints))}")
         current = getattr(cfg, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            changes[key] = apply_overrides(current, value)
-        elif isinstance(current, tuple) and isinstance(value, list):
-            changes[key] = tuple(value)
+        if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
+            changes[key] = apply_overrides(current, value, f"{path}.")
         else:
-            changes[key] = value
+            changes[key] = _check(value, hints[key], path)
     return dataclasses.replace(cfg, **changes)
+
+
+def set_field(cfg: Config, dotted: str, value: Any) -> Config:
+    """`cfg` with the one field named by its dotted path (`train.iterations`, `eval.crf_params.iterations`) set:
+    what `weclip --set` does, so that a nested section is reached the same way as a top-level one."""
+    section, *names = dotted.split(".")
+    if not names:
+        raise ConfigError(f"{dotted!r} names no section; write section.field, e.g. train.iterations")
+    for name in reversed(names):
+        value = {name: value}
+    return apply_overrides(cfg, {section: value})
