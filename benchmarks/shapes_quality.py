@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.data.augment import normalise  # noqa: E402
-from pipeline.files import sha256_file  # noqa: E402
+from pipeline.files import atomic_write_text, repo_relative, sha256_file  # noqa: E402
 from pipeline.model.backbone import FrozenCLIP  # noqa: E402
 from pipeline.model.cam import CamBatch, softmax_gradcam  # noqa: E402
 from pipeline.config import CLIPES_CRF, Config, DemoConfig, preset  # noqa: E402
@@ -231,7 +231,7 @@ def main() -> None:
         result["miou"].update(study.pop("decoders"))
         result["train_study"] = study
     result = {"images": args.count, "seed": args.seed, "size": args.size, "model": cfg.model.name,
-              "checkpoint": str(cfg.model.pretrained), "sha256": sha256_file(Path(cfg.model.pretrained)),
+              "checkpoint": repo_relative(cfg.model.pretrained), "sha256": sha256_file(Path(cfg.model.pretrained)),
               "static_layers": cfg.refine.static_layers,
               "bg_power": cfg.refine.bg_power, **result, "seconds": round(time.time() - tic, 1)}
     print(json.dumps(result, indent=2))
@@ -241,7 +241,7 @@ def main() -> None:
             raise SystemExit(f"{args.record} describes another checkpoint (sha256 {record.get('sha256')}); "
                              f"record only the figures of the checkpoint it describes")
         record["quality"] = result
-        args.record.write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write_text(args.record, json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the folder holding `pipeline/`
+
 
 def is_url(location: str | Path) -> bool:
     """True for an fsspec URL other than file:// (s3://, gs://, memory://, ...)."""
@@ -49,3 +51,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], object], fsync: bool 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """`atomic_write` of a UTF-8 text."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def repo_relative(path: str | Path) -> str:
+    """`path` relative to the repository root when it lies inside it, else as given: records and rebuild commands
+    must not name the folder of the machine they were made on."""
+    resolved = Path(path).resolve()
+    return resolved.relative_to(REPO_ROOT).as_posix() if resolved.is_relative_to(REPO_ROOT) else str(path)

@@ -11,7 +11,7 @@ Everything is a pure function of `(seed, index)`: image `index` of a run uses `n
 index])`, so the same seed gives byte-identical files and a longer run starts with the shorter run's images.
 
 `generate(root, split, count, seed, size)` writes the VOC layout the VOC reader accepts; `iter_samples` yields
-the same samples in memory (the tiny CLIP of `stages/toy_clip.py` trains on it without files).
+the same samples in memory (the tiny CLIP of `pipeline/model/toy_clip.py` trains on it without files).
 """
 from __future__ import annotations
 

@@ -56,9 +56,6 @@ from pipeline.model.backbone import register_model_configs
 from pipeline.model.text import class_set
 
 MAX_CHECKPOINT_BYTES = 20 * 1024 * 1024  # the shipped checkpoint must stay small enough to live in the repository
-REPO_ROOT = Path(__file__).resolve().parents[2]  # the folder holding `pipeline/`
-
-
 @dataclass(frozen=True)
 class ToyClipRecipe:
     """Everything that determines the shipped tiny CLIP. Defaults are the recipe of the shipped checkpoint."""
@@ -91,13 +88,6 @@ class ToyClipRecipe:
     @property
     def template(self) -> str:
         return preset("shapes").text.template
-
-
-def repo_relative(path: str | Path) -> str:
-    """`path` relative to the repository root when it lies inside it, else as given: records and rebuild commands
-    must not name the folder of the machine they were made on."""
-    resolved = Path(path).resolve()
-    return resolved.relative_to(REPO_ROOT).as_posix() if resolved.is_relative_to(REPO_ROOT) else str(path)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -23,9 +23,10 @@ from pipeline.data import shapes
 from pipeline.errors import ConfigError
 from pipeline.metrics import average_precision, multi_hot, presence_map
 from pipeline.model.text import class_set, prompts
-from pipeline.model.toy_clip import (MAX_CHECKPOINT_BYTES, REPO_ROOT, CaptionSpec, ToyClipRecipe, contrastive_loss,
+from pipeline.files import REPO_ROOT, repo_relative
+from pipeline.model.toy_clip import (MAX_CHECKPOINT_BYTES, CaptionSpec, ToyClipRecipe, contrastive_loss,
                                      hard_negative, held_out, learning_rate, normalise, patch_dropout_at,
-                                     presence_scores, repo_relative, sample_caption, save_fp16, train, truth_matrix)
+                                     presence_scores, sample_caption, save_fp16, train, truth_matrix)
 from stages import toy_clip as stage
 from tests.bench import load_benchmark
 
