@@ -34,17 +34,19 @@ from zarr.storage import FsspecStore, LocalStore
 from pipeline.cache import fingerprint as fp
 from pipeline.cache.index import (CacheTables, ShardCommit, build_tables, committed_shards, parquet_to_table,
                                   table_to_parquet, validate_rows)
-from pipeline.cache.schema import (ARRAY_NAMES, COMMIT_PREFIX, INDEX_KEY, KNOWN_SCHEMA_VERSIONS, ROOT_ATTR,
-                                   SCHEMA_VERSION, SHARDS_KEY, SKIPPED_KEY, ArraySchema, CacheSpec, commit_key)
+from pipeline.cache.schema import (COMMIT_PREFIX, INDEX_KEY, KNOWN_SCHEMA_VERSIONS, ROOT_ATTR, SCHEMA_VERSION,
+                                   SHARDS_KEY, SKIPPED_KEY, ArraySchema, CacheSpec, commit_key)
+from pipeline.errors import CacheError
+from pipeline.files import is_url, local_path
 
 CacheRoot = str | Path | Store
 
 
-class NotACache(ValueError):
+class NotACache(CacheError):
     """The path holds no weclip feature cache (or one this code cannot read)."""
 
 
-class FingerprintMismatch(ValueError):
+class FingerprintMismatch(CacheError):
     """An existing cache was made with different settings than the ones asked for."""
 
 
@@ -54,7 +56,7 @@ class CacheWriter:
     def __init__(self, store: Store, group: zarr.Group, spec: CacheSpec, fingerprint: dict[str, Any]):
         self.store, self.spec, self.fingerprint = store, spec, fingerprint
         self._schemas = spec.arrays()
-        self._arrays = {name: group[name] for name in ARRAY_NAMES}
+        self._arrays = {name: group[name] for name in self._schemas}
 
     @classmethod
     def create_or_open(cls, root: CacheRoot, spec: CacheSpec, fingerprint: dict[str, Any]) -> "CacheWriter":
@@ -65,11 +67,11 @@ class CacheWriter:
         NotACache when `root` holds something else.
         """
         if "digest" not in fingerprint:
-            raise ValueError("fingerprint lacks 'digest'; build it with pipeline.cache.fingerprint.make_fingerprint")
+            raise CacheError("fingerprint lacks 'digest'; build it with pipeline.cache.fingerprint.make_fingerprint")
         store = open_store(root, read_only=False)
         meta = _root_meta(store)
         if not meta:  # nothing there, or a group whose creation was interrupted
-            _refuse_foreign_content(store, root)
+            _refuse_foreign_content(store, spec, root)
             group = _create(store, spec, fingerprint)
         else:
             _check_version(meta, root)
@@ -89,13 +91,14 @@ class CacheWriter:
         """
         skipped = list(skipped)
         positions = validate_rows(self.spec, shard_index, rows, skipped)
-        if set(arrays) != set(ARRAY_NAMES):
-            raise ValueError(f"shard {shard_index}: arrays must be exactly {list(ARRAY_NAMES)}, got {sorted(arrays)}")
+        if set(arrays) != set(self._schemas):
+            raise CacheError(f"shard {shard_index}: arrays must be exactly {list(self._schemas)} (the cache spec's), "
+                             f"got {sorted(arrays)}")
         stored = {}
         for name, schema in self._schemas.items():
             if len(arrays[name]) != len(rows):
-                raise ValueError(f"shard {shard_index}: array {name!r} stacks {len(arrays[name])} samples "
-                                 f"for {len(rows)} rows")
+                raise CacheError(f"shard {shard_index}: array {name!r} stacks {len(arrays[name])} samples "
+                                 f"for {len(rows)} rows; give one sample per row")
             stored[name] = schema.to_storage(arrays[name])
         _delete(self.store, commit_key(shard_index))  # the shard is invisible from here until its commit
         nbytes = self._write_arrays(shard_index, positions, stored)
@@ -155,7 +158,7 @@ class CacheReader:
         self.spec = CacheSpec.from_dict(meta["spec"])
         self.schemas: dict[str, ArraySchema] = self.spec.arrays()
         group = zarr.open_group(self.store, mode="r")
-        self._arrays = {name: group[name] for name in ARRAY_NAMES}
+        self._arrays = {name: group[name] for name in self.schemas}
         self._tables: CacheTables | None = None
         self._visible: np.ndarray | None = None  # committed rows, built on the first read
 
@@ -233,10 +236,9 @@ def open_store(root: CacheRoot, read_only: bool) -> Store:
     """A zarr store for a local path, an fsspec URL (s3://, gs://, memory://, ...) or a store instance."""
     if isinstance(root, Store):
         return root
-    text = str(root)
-    if "://" in text and not text.startswith("file://"):
-        return FsspecStore.from_url(text, read_only=read_only)
-    path = Path(text.removeprefix("file://"))
+    if is_url(root):
+        return FsspecStore.from_url(str(root), read_only=read_only)
+    path = local_path(root)
     if read_only and not path.is_dir():
         raise NotACache(f"{path} does not exist or is not a directory; expected a weclip feature cache")
     return LocalStore(path, read_only=read_only)
@@ -266,10 +268,10 @@ def _root_meta(store: Store) -> dict[str, Any] | None:
     return group.attrs.asdict().get(ROOT_ATTR, {})
 
 
-def _refuse_foreign_content(store: Store, root: CacheRoot) -> None:
+def _refuse_foreign_content(store: Store, spec: CacheSpec, root: CacheRoot) -> None:
     """Only an empty location, or one holding our arrays from an interrupted create, may be (re)created.
     Looks at the top level only (a foreign directory may be huge); `.partial` names are zarr's temp files."""
-    ours = {"zarr.json", *ARRAY_NAMES}
+    ours = {"zarr.json", *spec.arrays()}
     foreign = next((k for k in _collect(store.list_dir("")) if k not in ours and not k.endswith(".partial")), None)
     if foreign is not None:
         raise NotACache(f"{_name(root)} is not empty and is not a weclip feature cache (found {foreign!r}); "
@@ -301,7 +303,7 @@ def _load_commits(store: Store, digest: str) -> dict[int, ShardCommit]:
         key = commit_key(shard)
         commit = ShardCommit.from_json(_get_required(store, key, key), key)
         if commit.fingerprint != digest or commit.shard != shard:
-            raise ValueError(f"commit record {key} belongs to another cache (fingerprint {commit.fingerprint}, "
+            raise CacheError(f"commit record {key} belongs to another cache (fingerprint {commit.fingerprint}, "
                              f"shard {commit.shard}); delete it and rerun extract to rewrite the shard")
         commits[shard] = commit
     return commits

@@ -14,9 +14,11 @@ import zarr
 from zarr.storage import LocalStore, MemoryStore
 
 from tests.cache import cache_fakes as fk
+from tests.cache.cache_fakes import ARRAY_NAMES
 
-from pipeline.cache.schema import ARRAY_NAMES, commit_key
+from pipeline.cache.schema import commit_key
 from pipeline.cache.store import CacheReader, CacheWriter, FingerprintMismatch, NotACache
+from pipeline.errors import CacheError
 
 
 def expected(spec, rows: list[int]) -> dict[str, np.ndarray]:
@@ -306,3 +308,41 @@ def test_writer_and_reader_pickle(tmp_path, spec, fingerprint):
     writer.write_shard(2, *fk.shard_inputs(spec, 2))
     reader = pickle.loads(pickle.dumps(CacheReader(root)))
     assert_reads_equal(reader, expected(spec, [9, 8]), [9, 8])
+
+
+
+def test_cache_refusals_are_cache_errors(tmp_path, spec, fingerprint):
+    root = str(tmp_path / "cache")
+    write_all(root, spec, fingerprint, shards=[0])
+    with pytest.raises(CacheError, match="fingerprint.seed"):
+        CacheWriter.create_or_open(root, spec, fk.tiny_fingerprint(seed=2))
+    with pytest.raises(CacheError, match="not a weclip feature cache"):
+        CacheReader(str(tmp_path))
+    with pytest.raises(CacheError, match="arrays must be exactly"):
+        CacheWriter.create_or_open(root, spec, fingerprint).write_shard(1, {}, [], [])
+
+
+def test_shard_checksum_covers_the_arrays_in_spec_order(root, spec, fingerprint):
+    writer = write_all(root, spec, fingerprint, shards=[1])
+    commit = writer.write_shard(0, *fk.shard_inputs(spec, 0))
+    want = hashlib.sha256("".join(commit.checksums[n] for n in ARRAY_NAMES).encode()).hexdigest()
+    assert CacheReader(root).tables.shards.column("checksum").to_pylist()[0] == want
+
+
+def test_an_array_declared_by_the_spec_is_written_indexed_and_read(tmp_path, spec, fingerprint, monkeypatch):
+    fk.declare_gt_mask(monkeypatch)
+    root = tmp_path / "cache"
+    write_all(str(root), spec, fingerprint, skip=frozenset({"img3"})).finalize()
+    reader = CacheReader(str(root))
+    rows = [9, 0, 5]
+    got = reader.read(rows)
+    assert list(got) == [*ARRAY_NAMES, "gt_mask"]
+    np.testing.assert_array_equal(got["gt_mask"], np.stack([fk.sample_arrays(spec, r)["gt_mask"] for r in rows]))
+    assert_reads_equal(reader, expected(spec, rows), rows)
+    sizes = [os.path.getsize(root / "gt_mask" / "c" / str(s) / "0" / "0") for s in range(spec.n_shards)]
+    assert reader.tables.shards.column("bytes_gt_mask").to_pylist() == sizes
+    commit = CacheWriter.create_or_open(str(root), spec, fingerprint).write_shard(2, *fk.shard_inputs(spec, 2))
+    shard_masks = np.stack([fk.sample_arrays(spec, r)["gt_mask"] for r in (8, 9)])
+    assert commit.checksums["gt_mask"] == hashlib.sha256(shard_masks.tobytes()).hexdigest()
+    assert not (np.asarray(zarr.open_group(LocalStore(root), mode="r")["gt_mask"][6:8]) != 255).any()  # skipped img3
+    assert reader.verify() == {}
