@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.fingerprint import canonical_json
-from pipeline.cache.schema import (REQUIRED_ROW_KEYS, REQUIRED_SKIP_KEYS, ROW_TYPES, SCHEMA_VERSION, SKIPPED_TYPES,
-                                   CacheSpec, shard_types)
+from pipeline.cache.schema import (INDEX_KEY, REQUIRED_ROW_KEYS, REQUIRED_SKIP_KEYS, ROW_TYPES, SCHEMA_VERSION,
+                                   SHARDS_KEY, SKIPPED_KEY, SKIPPED_TYPES, CacheSpec, shard_types)
 from pipeline.errors import CacheError
 
 
@@ -86,6 +86,11 @@ class CacheTables:
 
     def committed(self) -> set[int]:
         return committed_shards(self.shards)
+
+    def keyed(self) -> tuple[tuple[str, pa.Table], ...]:
+        """Each table with its store key, in the order `finalize` writes them: `shards.parquet` last, because
+        readers compare it with the commit records to tell whether the other two are current."""
+        return (INDEX_KEY, self.index), (SKIPPED_KEY, self.skipped), (SHARDS_KEY, self.shards)
 
 
 def committed_shards(shards: pa.Table) -> set[int]:

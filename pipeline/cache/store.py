@@ -14,13 +14,19 @@ process crashes, not power loss (`CacheReader.verify` re-checks the checksums). 
 (`FsspecStore`) every key is one PUT, which is atomic. `file://` URLs are routed to `LocalStore`, because
 fsspec's local `pipe_file` is not atomic. Two attempts of the same shard running *concurrently* are not
 supported (Ray retries a task after its failure).
+
+Storage that refuses writes (a store opened read-only, a read-only file system, a missing permission) is
+reported as one StorageError naming the location, and only when a write is needed: reopening and finalizing
+a complete cache writes nothing.
 """
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +42,7 @@ from pipeline.cache.index import (CacheTables, ShardCommit, build_tables, commit
                                   table_to_parquet, validate_rows)
 from pipeline.cache.schema import (COMMIT_PREFIX, INDEX_KEY, KNOWN_SCHEMA_VERSIONS, ROOT_ATTR, SCHEMA_VERSION,
                                    SHARDS_KEY, SKIPPED_KEY, ArraySchema, CacheSpec, commit_key)
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, StorageError
 from pipeline.files import is_url, local_path
 
 CacheRoot = str | Path | Store
@@ -63,20 +69,23 @@ class CacheWriter:
         """Create the cache at `root`, or reopen it to resume when fingerprint and spec are identical.
 
         Call it once in the driver before starting workers; workers may call it again (on an existing cache it
-        only reads) or receive the pickled writer. Raises FingerprintMismatch listing the differing keys;
-        NotACache when `root` holds something else.
+        only reads, so a complete cache on read-only storage opens) or receive the pickled writer. Raises
+        FingerprintMismatch listing the differing keys; NotACache when `root` holds something else;
+        StorageError when `root` is a file, or the cache must be created where nothing may be written.
         """
         if "digest" not in fingerprint:
             raise CacheError("fingerprint lacks 'digest'; build it with pipeline.cache.fingerprint.make_fingerprint")
         store = open_store(root, read_only=False)
-        meta = _root_meta(store)
-        if not meta:  # nothing there, or a group whose creation was interrupted
-            _refuse_foreign_content(store, spec, root)
-            group = _create(store, spec, fingerprint)
-        else:
-            _check_version(meta, root)
-            _check_same(meta, spec, fingerprint, root)
-            group = zarr.open_group(store, mode="r+")
+        with _refused_writes(_name(root)):  # opening a local store creates its folder
+            meta = _root_meta(store)
+            if not meta:  # nothing there, or a group whose creation was interrupted
+                _refuse_foreign_content(store, spec, root)
+                with _writing(store, _name(root)):
+                    group = _create(store, spec, fingerprint)
+            else:
+                _check_version(meta, root)
+                _check_same(meta, spec, fingerprint, root)
+                group = zarr.open_group(store, mode="r" if store.read_only else "r+")
         return cls(store, group, spec, fingerprint)
 
     def committed(self) -> set[int]:
@@ -100,22 +109,26 @@ class CacheWriter:
                 raise CacheError(f"shard {shard_index}: array {name!r} stacks {len(arrays[name])} samples "
                                  f"for {len(rows)} rows; give one sample per row")
             stored[name] = schema.to_storage(arrays[name])
-        _delete(self.store, commit_key(shard_index))  # the shard is invisible from here until its commit
-        nbytes = self._write_arrays(shard_index, positions, stored)
-        commit = ShardCommit(shard=shard_index, fingerprint=self.fingerprint["digest"], rows=rows,
-                             skipped=skipped, checksums={n: sha256_array(a) for n, a in stored.items()},
-                             nbytes=nbytes)
-        self._write_commit(commit)
+        with _writing(self.store, _name(self.store)):
+            _delete(self.store, commit_key(shard_index))  # the shard is invisible from here until its commit
+            nbytes = self._write_arrays(shard_index, positions, stored)
+            commit = ShardCommit(shard=shard_index, fingerprint=self.fingerprint["digest"], rows=rows,
+                                 skipped=skipped, checksums={n: sha256_array(a) for n, a in stored.items()},
+                                 nbytes=nbytes)
+            self._write_commit(commit)
         return commit
 
     def finalize(self) -> CacheTables:
-        """Rebuild `index.parquet`, `skipped.parquet` and `shards.parquet` from the commit records.
-
-        Idempotent; `shards.parquet` goes last because readers use it to tell whether the index is current.
+        """Rebuild `index.parquet`, `skipped.parquet` and `shards.parquet` from the commit records, writing only
+        those whose stored copy is missing, unreadable or different: rerunning extract on a complete cache then
+        writes nothing, which read-only storage allows. `shards.parquet` goes last (`CacheTables.keyed`).
         """
         tables = build_tables(self.spec, _load_commits(self.store, self.fingerprint["digest"]))
-        for key, table in ((INDEX_KEY, tables.index), (SKIPPED_KEY, tables.skipped), (SHARDS_KEY, tables.shards)):
-            _set(self.store, key, table_to_parquet(table))
+        stale = [(key, table) for key, table in tables.keyed() if not _stored_equals(self.store, key, table)]
+        if stale:
+            with _writing(self.store, _name(self.store)):
+                for key, table in stale:
+                    _set(self.store, key, table_to_parquet(table))
         return tables
 
     def _write_arrays(self, shard_index: int, positions: np.ndarray,
@@ -241,6 +254,9 @@ def open_store(root: CacheRoot, read_only: bool) -> Store:
     path = local_path(root)
     if read_only and not path.is_dir():
         raise NotACache(f"{path} does not exist or is not a directory; expected a weclip feature cache")
+    if path.exists() and not path.is_dir():
+        raise StorageError(f"{path} is a file, but a feature cache is a folder; choose a new --out (a new or "
+                           "empty folder, or an existing cache to resume)")
     return LocalStore(path, read_only=read_only)
 
 
@@ -322,7 +338,53 @@ def _shard_key(array: zarr.Array, shard_index: int) -> str:
 
 
 def _name(root: CacheRoot) -> str:
-    return str(root) if not isinstance(root, Store) else repr(root)
+    """The location for messages: a path or URL as given; a local store's folder, an fsspec store's URL."""
+    if isinstance(root, LocalStore):
+        return str(root.root)
+    if isinstance(root, FsspecStore):
+        return root.fs.unstrip_protocol(root.path)
+    return repr(root) if isinstance(root, Store) else str(root)
+
+
+def _stored_equals(store: Store, key: str, table: pa.Table) -> bool:
+    """Whether `key` holds a Parquet file with exactly this table (a damaged file counts as different)."""
+    data = _get(store, key)
+    if data is None:
+        return False
+    try:
+        return parquet_to_table(data).equals(table)
+    except pa.ArrowException:
+        return False
+
+
+# errno values of storage that refuses writes; object stores raise a PermissionError without errno.
+_REFUSED = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+@contextmanager
+def _refused_writes(where: str) -> Iterator[None]:
+    """Turn a write the storage refuses inside this block into one StorageError naming the location."""
+    try:
+        yield
+    except OSError as e:
+        if not (isinstance(e, PermissionError) or e.errno in _REFUSED):
+            raise
+        raise _write_refused(where, e.strerror or str(e)) from e
+
+
+@contextmanager
+def _writing(store: Store, where: str) -> Iterator[None]:
+    """A block that writes: refused up front on a store opened read-only (zarr would raise a bare ValueError),
+    and refused writes of the storage itself reported like `_refused_writes`."""
+    if store.read_only:
+        raise _write_refused(where, "the store is opened read-only")
+    with _refused_writes(where):
+        yield
+
+
+def _write_refused(where: str, reason: str) -> StorageError:
+    return StorageError(f"cannot write the feature cache at {where}: {reason}; choose a writable --out, or make "
+                        f"{where} writable")
 
 
 # Synchronous wrappers of zarr's async store API.
