@@ -220,6 +220,9 @@ def compressor_codecs(name: str) -> tuple[BytesBytesCodec, ...]:
         if level_text:
             raise ConfigError(f"compressor 'none' (extract.compressor) takes no level, got {name!r}; write 'none'")
         return ()
+    if level_text and not level_text.isdigit():
+        raise ConfigError(f"compressor {name!r} (extract.compressor): the level after ':' must be a whole number, "
+                          "e.g. 'zstd:3'")
     level = int(level_text) if level_text else default_level
     if family == "zstd":
         return (ZstdCodec(level=level),)

@@ -103,6 +103,8 @@ def test_bad_spec_settings_are_config_errors():
         fk.tiny_spec(dtype="float64")
     with pytest.raises(ConfigError, match=r"'gzip' \(extract.compressor\)"):
         fk.tiny_spec(compressor="gzip")
+    with pytest.raises(ConfigError, match="level after ':' must be a whole number"):
+        compressor_codecs("zstd:fast")
     with pytest.raises(ConfigError, match="samples_per_shard 0"):
         fk.tiny_spec(samples_per_shard=0)
     with pytest.raises(CacheError, match="per-sample shape"):
