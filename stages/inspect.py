@@ -10,7 +10,6 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from pipeline.cache.schema import ARRAY_NAMES
 from pipeline.cache.store import CacheReader, CacheRoot
 
 
@@ -25,7 +24,7 @@ class InspectSummary:
     planned_samples: int
     shards_committed: int
     shards_missing: list[int]
-    bytes_on_disk: dict[str, int]  # per array, committed shards
+    bytes_on_disk: dict[str, int]  # per array of the cache spec, in its order; committed shards
     raw_bytes_per_sample: dict[str, int]  # per array, decoded
     skipped: list[dict[str, Any]]  # image_id, reason, shard
 
@@ -51,8 +50,7 @@ class InspectSummary:
             f"  per sample: {_mb(self.bytes_per_sample)} on disk, {_mb(raw)} raw "
             f"(×{raw / max(self.bytes_per_sample, 1e-9):.2f})",
         ]
-        for name in ARRAY_NAMES:
-            disk = self.bytes_on_disk[name]
+        for name, disk in self.bytes_on_disk.items():
             lines.append(f"    {name:<12} {_mb(disk):>12} on disk  {_mb(disk / n):>10}/sample  "
                          f"{_mb(self.raw_bytes_per_sample[name]):>10}/sample raw")
         lines.append(f"  skipped images: {len(self.skipped)}")
@@ -75,7 +73,7 @@ def run(cache_path: CacheRoot) -> InspectSummary:
         planned_samples=reader.spec.total_samples,
         shards_committed=sum(s["status"] == "committed" for s in shards),
         shards_missing=[s["shard"] for s in shards if s["status"] != "committed"],
-        bytes_on_disk={name: sum(s[f"bytes_{name}"] for s in shards) for name in ARRAY_NAMES},
+        bytes_on_disk={name: sum(s[f"bytes_{name}"] for s in shards) for name in reader.schemas},
         raw_bytes_per_sample={name: a.sample_nbytes for name, a in reader.schemas.items()},
         skipped=tables.skipped.select(["image_id", "reason", "shard"]).to_pylist(),
     )

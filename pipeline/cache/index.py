@@ -10,15 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.fingerprint import canonical_json
-from pipeline.cache.schema import (ARRAY_NAMES, REQUIRED_ROW_KEYS, REQUIRED_SKIP_KEYS, ROW_TYPES,
-                                   SCHEMA_VERSION, SHARD_TYPES, SKIPPED_TYPES, CacheSpec)
+from pipeline.cache.schema import (INDEX_KEY, REQUIRED_ROW_KEYS, REQUIRED_SKIP_KEYS, ROW_TYPES, SCHEMA_VERSION,
+                                   SHARDS_KEY, SKIPPED_KEY, SKIPPED_TYPES, CacheSpec, shard_types)
+from pipeline.errors import CacheError
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,10 @@ class ShardCommit:
     nbytes: dict[str, int]
     schema_version: int = SCHEMA_VERSION
 
-    @property
-    def checksum(self) -> str:
-        """One digest for the whole shard: sha256 over the per-array digests in ARRAY_NAMES order."""
-        return hashlib.sha256("".join(self.checksums[n] for n in ARRAY_NAMES).encode()).hexdigest()
+    def checksum(self, names: Iterable[str]) -> str:
+        """One digest for the whole shard: sha256 over the per-array digests in the given (the spec's) order;
+        `checksums` itself cannot say the order, its JSON keys are sorted."""
+        return hashlib.sha256("".join(self.checksums[n] for n in names).encode()).hexdigest()
 
     def to_json(self) -> bytes:
         return canonical_json({
@@ -53,7 +54,7 @@ class ShardCommit:
             return cls(shard=d["shard"], fingerprint=d["fingerprint"], rows=d["rows"], skipped=d["skipped"],
                        checksums=d["checksums"], nbytes=d["nbytes"], schema_version=d["schema_version"])
         except (ValueError, KeyError) as e:
-            raise ValueError(f"unreadable shard commit record {where}: {e!r}; delete that file and rerun "
+            raise CacheError(f"unreadable shard commit record {where}: {e!r}; delete that file and rerun "
                              "extract to rewrite the shard") from e
 
 
@@ -63,16 +64,16 @@ def validate_rows(spec: CacheSpec, shard_index: int, rows: list[dict[str, Any]],
     for r in rows:
         missing = [k for k in REQUIRED_ROW_KEYS if k not in r]
         if missing or "shard" in r:
-            raise ValueError(f"shard {shard_index}: sample row {r!r} lacks keys {missing} or sets the "
+            raise CacheError(f"shard {shard_index}: sample row {r!r} lacks keys {missing} or sets the "
                              "reserved key 'shard'")
     for s in skipped:
         if any(k not in s for k in REQUIRED_SKIP_KEYS):
-            raise ValueError(f"shard {shard_index}: skipped entry {s!r} needs keys {list(REQUIRED_SKIP_KEYS)}")
+            raise CacheError(f"shard {shard_index}: skipped entry {s!r} needs keys {list(REQUIRED_SKIP_KEYS)}")
     positions = np.array([r["row"] for r in rows], dtype=np.int64)
     planned = spec.shard_rows(shard_index)
     if len(positions) and (positions.min() < planned.start or positions.max() >= planned.stop
                            or np.any(np.diff(positions) <= 0)):
-        raise ValueError(f"shard {shard_index}: rows must be strictly increasing positions inside the plan's "
+        raise CacheError(f"shard {shard_index}: rows must be strictly increasing positions inside the plan's "
                          f"[{planned.start}, {planned.stop}), got {positions.tolist()}")
     return positions
 
@@ -86,6 +87,11 @@ class CacheTables:
     def committed(self) -> set[int]:
         return committed_shards(self.shards)
 
+    def keyed(self) -> tuple[tuple[str, pa.Table], ...]:
+        """Each table with its store key, in the order `finalize` writes them: `shards.parquet` last, because
+        readers compare it with the commit records to tell whether the other two are current."""
+        return (INDEX_KEY, self.index), (SKIPPED_KEY, self.skipped), (SHARDS_KEY, self.shards)
+
 
 def committed_shards(shards: pa.Table) -> set[int]:
     status = shards.column("status").to_pylist()
@@ -94,6 +100,7 @@ def committed_shards(shards: pa.Table) -> set[int]:
 
 def build_tables(spec: CacheSpec, commits: Mapping[int, ShardCommit]) -> CacheTables:
     """The index, shard and skipped tables of a cache, as a pure function of its commit records."""
+    names = list(spec.arrays())
     ordered = [commits[s] for s in sorted(commits)]
     samples = [{**r, "shard": c.shard} for c in ordered for r in c.rows]
     skipped = [{**s, "shard": c.shard} for c in ordered for s in c.skipped]
@@ -103,10 +110,10 @@ def build_tables(spec: CacheSpec, commits: Mapping[int, ShardCommit]) -> CacheTa
         shard_rows.append({
             "shard": s, "status": "committed" if c else "missing",
             "n_samples": len(c.rows) if c else 0, "n_skipped": len(c.skipped) if c else 0,
-            "checksum": c.checksum if c else None, "bytes": sum(c.nbytes.values()) if c else 0,
-            **{f"bytes_{n}": c.nbytes[n] if c else 0 for n in ARRAY_NAMES},
+            "checksum": c.checksum(names) if c else None, "bytes": sum(c.nbytes.values()) if c else 0,
+            **{f"bytes_{n}": c.nbytes[n] if c else 0 for n in names},
         })
-    return CacheTables(index=_table(samples, ROW_TYPES), shards=_table(shard_rows, SHARD_TYPES),
+    return CacheTables(index=_table(samples, ROW_TYPES), shards=_table(shard_rows, shard_types(spec)),
                        skipped=_table(skipped, SKIPPED_TYPES))
 
 

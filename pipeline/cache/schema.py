@@ -9,7 +9,7 @@ work unit writes exactly one shard file per array. Next to the arrays the store 
     shards.parquet               one row per planned shard
     skipped.parquet              one row per image that failed to decode
 
-Per-sample arrays (ViT-B/16, crop 320: grid 20×20, N=400, D=768):
+Per-sample arrays, declared by `CacheSpec.arrays()` (ViT-B/16, crop 320: grid 20×20, N=400, D=768):
 
     features     L_dec × N × D      float   patch tokens of the decoder's blocks (CLS dropped)
     attn         L_attn × N × N     float   head-averaged patch-to-patch attention
@@ -33,6 +33,8 @@ import pyarrow as pa
 from zarr.abc.codec import BytesBytesCodec
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from pipeline.errors import CacheError, ConfigError
+
 SCHEMA_VERSION = 1
 KNOWN_SCHEMA_VERSIONS = frozenset({1})
 
@@ -44,8 +46,7 @@ SHARDS_KEY = "shards.parquet"
 SKIPPED_KEY = "skipped.parquet"
 
 FloatDtype = Literal["float16", "float32", "bfloat16"]
-FLOAT_ARRAYS = ("features", "attn", "cams")
-ARRAY_NAMES = ("features", "attn", "cams", "cam_classes", "image", "valid")
+FLOAT_DTYPES: tuple[FloatDtype, ...] = ("float16", "float32", "bfloat16")
 
 # Keys every sample row given to `CacheWriter.write_shard` must carry; other keys (augmentation parameters)
 # become extra index columns. `row` is the global sample position fixed by the plan.
@@ -59,14 +60,13 @@ ROW_TYPES: dict[str, pa.DataType] = {
     "row": pa.int64(),
     "labels": pa.list_(pa.int16()),
 }
-SHARD_TYPES: dict[str, pa.DataType] = {
+SHARD_TYPES: dict[str, pa.DataType] = {  # then one `bytes_<array>` column per array (`shard_types`)
     "shard": pa.int32(),
     "status": pa.string(),  # "committed" | "missing"
     "n_samples": pa.int32(),
     "n_skipped": pa.int32(),
-    "checksum": pa.string(),  # sha256 over the per-array checksums, in ARRAY_NAMES order
+    "checksum": pa.string(),  # sha256 over the per-array checksums, in the spec's array order
     "bytes": pa.int64(),  # shard files on disk, all arrays
-    **{f"bytes_{name}": pa.int64() for name in ARRAY_NAMES},
 }
 SKIPPED_TYPES: dict[str, pa.DataType] = {"image_id": pa.string(), "reason": pa.string(), "shard": pa.int32()}
 
@@ -101,10 +101,12 @@ class CacheSpec:
     compressor: str
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float16", "float32", "bfloat16"):
-            raise ValueError(f"cache dtype must be float16, float32 or bfloat16, not {self.dtype!r}")
+        if self.dtype not in FLOAT_DTYPES:
+            raise ConfigError(f"cache dtype {self.dtype!r} (extract.dtype) is not one of {list(FLOAT_DTYPES)}; "
+                              "pick one of those")
         if self.total_samples < 1 or self.samples_per_shard < 1:
-            raise ValueError(f"total_samples and samples_per_shard must be positive: {self}")
+            raise ConfigError(f"total_samples {self.total_samples} and samples_per_shard {self.samples_per_shard} "
+                              "(extract.samples_per_shard) must be positive; extract at least one image")
         compressor_codecs(self.compressor)  # fail early on a bad name
 
     @property
@@ -119,15 +121,20 @@ class CacheSpec:
         return range(start, min(start + self.samples_per_shard, self.total_samples))
 
     def arrays(self) -> dict[str, "ArraySchema"]:
+        """The cache's per-sample arrays, in storage order: the one declaration the writer, the reader, the
+        shard table's `bytes_<array>` columns and `weclip inspect` all iterate, so a new array is one entry here.
+        The order fixes the shard checksum; the names, shapes, dtypes and codecs fix the files on disk."""
         n = self.grid[0] * self.grid[1]
-        return {
-            "features": ArraySchema("features", (self.feature_layers, n, self.dim), self.dtype, 0),
-            "attn": ArraySchema("attn", (self.attn_layers, n, n), self.dtype, 0),
-            "cams": ArraySchema("cams", (self.k_max, *self.grid), self.dtype, 0),
-            "cam_classes": ArraySchema("cam_classes", (self.k_max,), "int16", -1),
-            "image": ArraySchema("image", (3, self.crop, self.crop), "uint8", 0),
-            "valid": ArraySchema("valid", (self.crop, self.crop), "bool", False),
-        }
+        codec = self.compressor
+        declared = (
+            ArraySchema("features", (self.feature_layers, n, self.dim), self.dtype, 0, codec),
+            ArraySchema("attn", (self.attn_layers, n, n), self.dtype, 0, codec),
+            ArraySchema("cams", (self.k_max, *self.grid), self.dtype, 0, codec),
+            ArraySchema("cam_classes", (self.k_max,), "int16", -1, codec),
+            ArraySchema("image", (3, self.crop, self.crop), "uint8", 0, codec),
+            ArraySchema("valid", (self.crop, self.crop), "bool", False, codec),
+        )
+        return {a.name: a for a in declared}
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -141,11 +148,17 @@ class CacheSpec:
 
 @dataclass(frozen=True)
 class ArraySchema:
-    """One per-sample array: `shape` excludes the leading sample axis; `dtype` is the logical dtype."""
+    """One per-sample array: `shape` excludes the leading sample axis; `dtype` is the logical dtype (one of
+    FLOAT_DTYPES for the arrays stored in the cache's float dtype); `compressor` a `compressor_codecs` name."""
     name: str
     shape: tuple[int, ...]
     dtype: str
     fill: int | bool
+    compressor: str
+
+    @property
+    def floating(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
 
     @property
     def storage_dtype(self) -> np.dtype:
@@ -159,8 +172,9 @@ class ArraySchema:
         """Cast a stack of samples to the stored dtype. Floats are rounded to nearest-even; other arrays
         must already have their exact dtype (a silent int64 -> int16 cast could wrap)."""
         if values.shape[1:] != self.shape:
-            raise ValueError(f"array {self.name!r}: per-sample shape {values.shape[1:]}, schema says {self.shape}")
-        if self.name in FLOAT_ARRAYS:
+            raise CacheError(f"array {self.name!r}: per-sample shape {values.shape[1:]}, the cache spec says "
+                             f"{self.shape}; stack samples of the spec's shape")
+        if self.floating:
             if values.dtype.kind != "f":
                 raise TypeError(f"array {self.name!r} must be floating point, got {values.dtype}")
             if self.dtype == "bfloat16":
@@ -182,7 +196,7 @@ class ArraySchema:
             "shards": (spec.samples_per_shard, *self.shape),
             "dtype": self.storage_dtype,
             "fill_value": self.fill,
-            "compressors": compressor_codecs(spec.compressor),
+            "compressors": compressor_codecs(self.compressor),
             "attributes": {DTYPE_ATTR: self.dtype},
         }
 
@@ -199,13 +213,16 @@ def compressor_codecs(name: str) -> tuple[BytesBytesCodec, ...]:
     """
     family, _, level_text = name.partition(":")
     if family not in _COMPRESSOR_FAMILIES:
-        raise ValueError(f"unknown compressor {name!r}; use one of {sorted(_COMPRESSOR_FAMILIES)}, "
-                         "optionally with ':<level>' (e.g. 'zstd:3')")
+        raise ConfigError(f"unknown compressor {name!r} (extract.compressor); use one of "
+                          f"{sorted(_COMPRESSOR_FAMILIES)}, optionally with ':<level>' (e.g. 'zstd:3')")
     default_level = _COMPRESSOR_FAMILIES[family]
     if default_level is None:
         if level_text:
-            raise ValueError(f"compressor 'none' takes no level, got {name!r}")
+            raise ConfigError(f"compressor 'none' (extract.compressor) takes no level, got {name!r}; write 'none'")
         return ()
+    if level_text and not level_text.isdigit():
+        raise ConfigError(f"compressor {name!r} (extract.compressor): the level after ':' must be a whole number, "
+                          "e.g. 'zstd:3'")
     level = int(level_text) if level_text else default_level
     if family == "zstd":
         return (ZstdCodec(level=level),)
@@ -225,6 +242,11 @@ def bfloat16_bits(values: np.ndarray) -> np.ndarray:
 
 def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def shard_types(spec: CacheSpec) -> dict[str, pa.DataType]:
+    """Columns of `shards.parquet`: SHARD_TYPES, then the on-disk bytes of each array of the spec."""
+    return {**SHARD_TYPES, **{f"bytes_{name}": pa.int64() for name in spec.arrays()}}
 
 
 def commit_key(shard_index: int) -> str:

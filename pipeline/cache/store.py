@@ -14,13 +14,19 @@ process crashes, not power loss (`CacheReader.verify` re-checks the checksums). 
 (`FsspecStore`) every key is one PUT, which is atomic. `file://` URLs are routed to `LocalStore`, because
 fsspec's local `pipe_file` is not atomic. Two attempts of the same shard running *concurrently* are not
 supported (Ray retries a task after its failure).
+
+Storage that refuses writes (a store opened read-only, a read-only file system, a missing permission) is
+reported as one StorageError naming the location, and only when a write is needed: reopening and finalizing
+a complete cache writes nothing.
 """
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -34,17 +40,19 @@ from zarr.storage import FsspecStore, LocalStore
 from pipeline.cache import fingerprint as fp
 from pipeline.cache.index import (CacheTables, ShardCommit, build_tables, committed_shards, parquet_to_table,
                                   table_to_parquet, validate_rows)
-from pipeline.cache.schema import (ARRAY_NAMES, COMMIT_PREFIX, INDEX_KEY, KNOWN_SCHEMA_VERSIONS, ROOT_ATTR,
-                                   SCHEMA_VERSION, SHARDS_KEY, SKIPPED_KEY, ArraySchema, CacheSpec, commit_key)
+from pipeline.cache.schema import (COMMIT_PREFIX, INDEX_KEY, KNOWN_SCHEMA_VERSIONS, ROOT_ATTR, SCHEMA_VERSION,
+                                   SHARDS_KEY, SKIPPED_KEY, ArraySchema, CacheSpec, commit_key)
+from pipeline.errors import CacheError, StorageError
+from pipeline.files import is_url, local_path
 
 CacheRoot = str | Path | Store
 
 
-class NotACache(ValueError):
+class NotACache(CacheError):
     """The path holds no weclip feature cache (or one this code cannot read)."""
 
 
-class FingerprintMismatch(ValueError):
+class FingerprintMismatch(CacheError):
     """An existing cache was made with different settings than the ones asked for."""
 
 
@@ -54,27 +62,30 @@ class CacheWriter:
     def __init__(self, store: Store, group: zarr.Group, spec: CacheSpec, fingerprint: dict[str, Any]):
         self.store, self.spec, self.fingerprint = store, spec, fingerprint
         self._schemas = spec.arrays()
-        self._arrays = {name: group[name] for name in ARRAY_NAMES}
+        self._arrays = {name: group[name] for name in self._schemas}
 
     @classmethod
     def create_or_open(cls, root: CacheRoot, spec: CacheSpec, fingerprint: dict[str, Any]) -> "CacheWriter":
         """Create the cache at `root`, or reopen it to resume when fingerprint and spec are identical.
 
         Call it once in the driver before starting workers; workers may call it again (on an existing cache it
-        only reads) or receive the pickled writer. Raises FingerprintMismatch listing the differing keys;
-        NotACache when `root` holds something else.
+        only reads, so a complete cache on read-only storage opens) or receive the pickled writer. Raises
+        FingerprintMismatch listing the differing keys; NotACache when `root` holds something else;
+        StorageError when `root` is a file, or the cache must be created where nothing may be written.
         """
         if "digest" not in fingerprint:
-            raise ValueError("fingerprint lacks 'digest'; build it with pipeline.cache.fingerprint.make_fingerprint")
+            raise CacheError("fingerprint lacks 'digest'; build it with pipeline.cache.fingerprint.make_fingerprint")
         store = open_store(root, read_only=False)
-        meta = _root_meta(store)
-        if not meta:  # nothing there, or a group whose creation was interrupted
-            _refuse_foreign_content(store, root)
-            group = _create(store, spec, fingerprint)
-        else:
-            _check_version(meta, root)
-            _check_same(meta, spec, fingerprint, root)
-            group = zarr.open_group(store, mode="r+")
+        with _refused_writes(_name(root)):  # opening a local store creates its folder
+            meta = _root_meta(store)
+            if not meta:  # nothing there, or a group whose creation was interrupted
+                _refuse_foreign_content(store, spec, root)
+                with _writing(store, _name(root)):
+                    group = _create(store, spec, fingerprint)
+            else:
+                _check_version(meta, root)
+                _check_same(meta, spec, fingerprint, root)
+                group = zarr.open_group(store, mode="r" if store.read_only else "r+")
         return cls(store, group, spec, fingerprint)
 
     def committed(self) -> set[int]:
@@ -89,30 +100,35 @@ class CacheWriter:
         """
         skipped = list(skipped)
         positions = validate_rows(self.spec, shard_index, rows, skipped)
-        if set(arrays) != set(ARRAY_NAMES):
-            raise ValueError(f"shard {shard_index}: arrays must be exactly {list(ARRAY_NAMES)}, got {sorted(arrays)}")
+        if set(arrays) != set(self._schemas):
+            raise CacheError(f"shard {shard_index}: arrays must be exactly {list(self._schemas)} (the cache spec's), "
+                             f"got {sorted(arrays)}")
         stored = {}
         for name, schema in self._schemas.items():
             if len(arrays[name]) != len(rows):
-                raise ValueError(f"shard {shard_index}: array {name!r} stacks {len(arrays[name])} samples "
-                                 f"for {len(rows)} rows")
+                raise CacheError(f"shard {shard_index}: array {name!r} stacks {len(arrays[name])} samples "
+                                 f"for {len(rows)} rows; give one sample per row")
             stored[name] = schema.to_storage(arrays[name])
-        _delete(self.store, commit_key(shard_index))  # the shard is invisible from here until its commit
-        nbytes = self._write_arrays(shard_index, positions, stored)
-        commit = ShardCommit(shard=shard_index, fingerprint=self.fingerprint["digest"], rows=rows,
-                             skipped=skipped, checksums={n: sha256_array(a) for n, a in stored.items()},
-                             nbytes=nbytes)
-        self._write_commit(commit)
+        with _writing(self.store, _name(self.store)):
+            _delete(self.store, commit_key(shard_index))  # the shard is invisible from here until its commit
+            nbytes = self._write_arrays(shard_index, positions, stored)
+            commit = ShardCommit(shard=shard_index, fingerprint=self.fingerprint["digest"], rows=rows,
+                                 skipped=skipped, checksums={n: sha256_array(a) for n, a in stored.items()},
+                                 nbytes=nbytes)
+            self._write_commit(commit)
         return commit
 
     def finalize(self) -> CacheTables:
-        """Rebuild `index.parquet`, `skipped.parquet` and `shards.parquet` from the commit records.
-
-        Idempotent; `shards.parquet` goes last because readers use it to tell whether the index is current.
+        """Rebuild `index.parquet`, `skipped.parquet` and `shards.parquet` from the commit records, writing only
+        those whose stored copy is missing, unreadable or different: rerunning extract on a complete cache then
+        writes nothing, which read-only storage allows. `shards.parquet` goes last (`CacheTables.keyed`).
         """
         tables = build_tables(self.spec, _load_commits(self.store, self.fingerprint["digest"]))
-        for key, table in ((INDEX_KEY, tables.index), (SKIPPED_KEY, tables.skipped), (SHARDS_KEY, tables.shards)):
-            _set(self.store, key, table_to_parquet(table))
+        stale = [(key, table) for key, table in tables.keyed() if not _stored_equals(self.store, key, table)]
+        if stale:
+            with _writing(self.store, _name(self.store)):
+                for key, table in stale:
+                    _set(self.store, key, table_to_parquet(table))
         return tables
 
     def _write_arrays(self, shard_index: int, positions: np.ndarray,
@@ -155,7 +171,7 @@ class CacheReader:
         self.spec = CacheSpec.from_dict(meta["spec"])
         self.schemas: dict[str, ArraySchema] = self.spec.arrays()
         group = zarr.open_group(self.store, mode="r")
-        self._arrays = {name: group[name] for name in ARRAY_NAMES}
+        self._arrays = {name: group[name] for name in self.schemas}
         self._tables: CacheTables | None = None
         self._visible: np.ndarray | None = None  # committed rows, built on the first read
 
@@ -233,12 +249,14 @@ def open_store(root: CacheRoot, read_only: bool) -> Store:
     """A zarr store for a local path, an fsspec URL (s3://, gs://, memory://, ...) or a store instance."""
     if isinstance(root, Store):
         return root
-    text = str(root)
-    if "://" in text and not text.startswith("file://"):
-        return FsspecStore.from_url(text, read_only=read_only)
-    path = Path(text.removeprefix("file://"))
+    if is_url(root):
+        return FsspecStore.from_url(str(root), read_only=read_only)
+    path = local_path(root)
     if read_only and not path.is_dir():
         raise NotACache(f"{path} does not exist or is not a directory; expected a weclip feature cache")
+    if path.exists() and not path.is_dir():
+        raise StorageError(f"{path} is a file, but a feature cache is a folder; choose a new --out (a new or "
+                           "empty folder, or an existing cache to resume)")
     return LocalStore(path, read_only=read_only)
 
 
@@ -266,10 +284,10 @@ def _root_meta(store: Store) -> dict[str, Any] | None:
     return group.attrs.asdict().get(ROOT_ATTR, {})
 
 
-def _refuse_foreign_content(store: Store, root: CacheRoot) -> None:
+def _refuse_foreign_content(store: Store, spec: CacheSpec, root: CacheRoot) -> None:
     """Only an empty location, or one holding our arrays from an interrupted create, may be (re)created.
     Looks at the top level only (a foreign directory may be huge); `.partial` names are zarr's temp files."""
-    ours = {"zarr.json", *ARRAY_NAMES}
+    ours = {"zarr.json", *spec.arrays()}
     foreign = next((k for k in _collect(store.list_dir("")) if k not in ours and not k.endswith(".partial")), None)
     if foreign is not None:
         raise NotACache(f"{_name(root)} is not empty and is not a weclip feature cache (found {foreign!r}); "
@@ -301,7 +319,7 @@ def _load_commits(store: Store, digest: str) -> dict[int, ShardCommit]:
         key = commit_key(shard)
         commit = ShardCommit.from_json(_get_required(store, key, key), key)
         if commit.fingerprint != digest or commit.shard != shard:
-            raise ValueError(f"commit record {key} belongs to another cache (fingerprint {commit.fingerprint}, "
+            raise CacheError(f"commit record {key} belongs to another cache (fingerprint {commit.fingerprint}, "
                              f"shard {commit.shard}); delete it and rerun extract to rewrite the shard")
         commits[shard] = commit
     return commits
@@ -320,7 +338,53 @@ def _shard_key(array: zarr.Array, shard_index: int) -> str:
 
 
 def _name(root: CacheRoot) -> str:
-    return str(root) if not isinstance(root, Store) else repr(root)
+    """The location for messages: a path or URL as given; a local store's folder, an fsspec store's URL."""
+    if isinstance(root, LocalStore):
+        return str(root.root)
+    if isinstance(root, FsspecStore):
+        return root.fs.unstrip_protocol(root.path)
+    return repr(root) if isinstance(root, Store) else str(root)
+
+
+def _stored_equals(store: Store, key: str, table: pa.Table) -> bool:
+    """Whether `key` holds a Parquet file with exactly this table (a damaged file counts as different)."""
+    data = _get(store, key)
+    if data is None:
+        return False
+    try:
+        return parquet_to_table(data).equals(table)
+    except pa.ArrowException:
+        return False
+
+
+# errno values of storage that refuses writes; object stores raise a PermissionError without errno.
+_REFUSED = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+@contextmanager
+def _refused_writes(where: str) -> Iterator[None]:
+    """Turn a write the storage refuses inside this block into one StorageError naming the location."""
+    try:
+        yield
+    except OSError as e:
+        if not (isinstance(e, PermissionError) or e.errno in _REFUSED):
+            raise
+        raise _write_refused(where, e.strerror or str(e)) from e
+
+
+@contextmanager
+def _writing(store: Store, where: str) -> Iterator[None]:
+    """A block that writes: refused up front on a store opened read-only (zarr would raise a bare ValueError),
+    and refused writes of the storage itself reported like `_refused_writes`."""
+    if store.read_only:
+        raise _write_refused(where, "the store is opened read-only")
+    with _refused_writes(where):
+        yield
+
+
+def _write_refused(where: str, reason: str) -> StorageError:
+    return StorageError(f"cannot write the feature cache at {where}: {reason}; choose a writable --out, or make "
+                        f"{where} writable")
 
 
 # Synchronous wrappers of zarr's async store API.

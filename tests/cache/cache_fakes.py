@@ -6,12 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pytest
 
 from pipeline.cache.fingerprint import make_fingerprint
-from pipeline.cache.schema import CacheSpec
+from pipeline.cache.schema import ArraySchema, CacheSpec
 
 VIEWS = 2
 IMAGES = 5
+# The cache's arrays in storage order, written out here independently of `CacheSpec.arrays()`.
+ARRAY_NAMES = ("features", "attn", "cams", "cam_classes", "image", "valid")
 
 
 def tiny_spec(**overrides: Any) -> CacheSpec:
@@ -28,13 +31,22 @@ def tiny_fingerprint(**overrides: Any) -> dict[str, Any]:
     return make_fingerprint(**{**parts, **overrides})
 
 
+def declare_gt_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Declare one more array the way a supervised mode would, as one more `CacheSpec.arrays()` entry: the GT
+    mask crop (uint8 class ids, 255 = ignore)."""
+    declared = CacheSpec.arrays
+    monkeypatch.setattr(CacheSpec, "arrays", lambda self: {
+        **declared(self), "gt_mask": ArraySchema("gt_mask", (self.crop, self.crop), "uint8", 255, self.compressor)})
+
+
 def sample_arrays(spec: CacheSpec, row: int) -> dict[str, np.ndarray]:
-    """One sample's arrays, a pure function of its row; floats are float32 (the writer casts)."""
+    """One sample's arrays, a pure function of its row; floats are float32 (the writer casts). Includes
+    `gt_mask` when the spec declares it (`declare_gt_mask`)."""
     rng = np.random.default_rng(1000 + row)
     n = spec.grid[0] * spec.grid[1]
     classes = np.full(spec.k_max, -1, np.int16)
     classes[: 1 + row % spec.k_max] = rng.choice(20, 1 + row % spec.k_max, replace=False)
-    return {
+    arrays = {
         "features": rng.standard_normal((spec.feature_layers, n, spec.dim)).astype(np.float32) * 3,
         "attn": rng.dirichlet(np.ones(n), size=(spec.attn_layers, n)).astype(np.float32),
         "cams": rng.random((spec.k_max, *spec.grid)).astype(np.float32),
@@ -42,6 +54,9 @@ def sample_arrays(spec: CacheSpec, row: int) -> dict[str, np.ndarray]:
         "image": rng.integers(0, 256, (3, spec.crop, spec.crop), dtype=np.uint8),
         "valid": rng.random((spec.crop, spec.crop)) > 0.2,
     }
+    if "gt_mask" in spec.arrays():
+        arrays["gt_mask"] = rng.integers(0, 21, (spec.crop, spec.crop), dtype=np.uint8)
+    return arrays
 
 
 def sample_row(row: int) -> dict[str, Any]:

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 from tests.cache import cache_fakes as fk
+from tests.cache.cache_fakes import ARRAY_NAMES
 
-from pipeline.cache.schema import ARRAY_NAMES
 from pipeline.cache.store import CacheWriter
 from stages import inspect
 
@@ -33,3 +33,21 @@ def test_inspect_small_cache(tmp_path):
     text = summary.format()
     assert str(root) in text and "img1: cannot decode" in text and "2 committed, 1 missing [2]" in text
     assert fp["digest"][:16] in text
+
+
+def test_inspect_lists_every_array_the_spec_declares(tmp_path, monkeypatch):
+    fk.declare_gt_mask(monkeypatch)
+    root = tmp_path / "cache"
+    spec = fk.tiny_spec()
+    writer = CacheWriter.create_or_open(str(root), spec, fk.tiny_fingerprint())
+    for s in range(spec.n_shards):
+        writer.write_shard(s, *fk.shard_inputs(spec, s))
+    writer.finalize()
+
+    summary = inspect.run(str(root))
+    assert list(summary.bytes_on_disk) == [*ARRAY_NAMES, "gt_mask"]
+    files = [p for p in (root / "gt_mask" / "c").rglob("*") if p.is_file()]
+    assert len(files) == 3 and summary.bytes_on_disk["gt_mask"] == sum(os.path.getsize(p) for p in files)
+    assert summary.raw_bytes_per_sample["gt_mask"] == 32 * 32
+    line = next(l for l in summary.format().splitlines() if l.strip().startswith("gt_mask"))
+    assert f"{32 * 32 / 1e6:.3f} MB/sample raw" in line

@@ -1,6 +1,7 @@
 """Cache schema: shapes, shard plan, compressor names, dtype casts (bfloat16 against torch)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +10,10 @@ import torch
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from tests.cache import cache_fakes as fk
+from tests.cache.cache_fakes import ARRAY_NAMES
 
-from pipeline.cache.schema import (ARRAY_NAMES, CacheSpec, bfloat16_bits, bfloat16_to_float32,
-                                   compressor_codecs)
+from pipeline.cache.schema import CacheSpec, bfloat16_bits, bfloat16_to_float32, compressor_codecs
+from pipeline.errors import CacheError, ConfigError
 
 
 def test_vit_b16_shapes_and_sizes():
@@ -82,3 +84,28 @@ def test_to_storage_casts_floats_and_checks_the_rest():
         arrays["cams"].to_storage(np.zeros((1, 3, 4, 4), np.int32))
     with pytest.raises(TypeError, match="uint8"):
         arrays["image"].to_storage(np.zeros((1, 3, 32, 32), np.int16))
+
+
+def test_each_array_declares_its_codec_and_float_kind():
+    spec = fk.tiny_spec(compressor="blosc-zstd:1")
+    arrays = spec.arrays()
+    assert {a.compressor for a in arrays.values()} == {"blosc-zstd:1"}
+    assert [n for n, a in arrays.items() if a.floating] == ["features", "attn", "cams"]
+    (b,) = arrays["valid"].zarr_kwargs(spec)["compressors"]
+    assert b.cname.value == "zstd" and b.clevel == 1
+    own = dataclasses.replace(arrays["valid"], compressor="zstd:9")
+    assert own.zarr_kwargs(spec)["compressors"] == (ZstdCodec(level=9),)
+    assert fk.tiny_spec(dtype="bfloat16").arrays()["attn"].floating
+
+
+def test_bad_spec_settings_are_config_errors():
+    with pytest.raises(ConfigError, match=r"'float64' \(extract.dtype\)"):
+        fk.tiny_spec(dtype="float64")
+    with pytest.raises(ConfigError, match=r"'gzip' \(extract.compressor\)"):
+        fk.tiny_spec(compressor="gzip")
+    with pytest.raises(ConfigError, match="level after ':' must be a whole number"):
+        compressor_codecs("zstd:fast")
+    with pytest.raises(ConfigError, match="samples_per_shard 0"):
+        fk.tiny_spec(samples_per_shard=0)
+    with pytest.raises(CacheError, match="per-sample shape"):
+        fk.tiny_spec().arrays()["valid"].to_storage(np.zeros((1, 3, 3), bool))

@@ -1,9 +1,11 @@
 """CacheWriter / CacheReader: round trips, exactly-once commits, resume, refusal of foreign or mismatched caches."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pickle
+import re
 import uuid
 from pathlib import Path
 
@@ -11,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from zarr.storage import LocalStore, MemoryStore
+from zarr.storage import FsspecStore, LocalStore, MemoryStore, WrapperStore
 
 from tests.cache import cache_fakes as fk
+from tests.cache.cache_fakes import ARRAY_NAMES
 
-from pipeline.cache.schema import ARRAY_NAMES, commit_key
+from pipeline.cache.schema import INDEX_KEY, SHARDS_KEY, commit_key
 from pipeline.cache.store import CacheReader, CacheWriter, FingerprintMismatch, NotACache
+from pipeline.errors import CacheError, StorageError
 
 
 def expected(spec, rows: list[int]) -> dict[str, np.ndarray]:
@@ -306,3 +310,168 @@ def test_writer_and_reader_pickle(tmp_path, spec, fingerprint):
     writer.write_shard(2, *fk.shard_inputs(spec, 2))
     reader = pickle.loads(pickle.dumps(CacheReader(root)))
     assert_reads_equal(reader, expected(spec, [9, 8]), [9, 8])
+
+
+class RecordingStore(WrapperStore):
+    """Records the keys written; with `refuse` every write fails the way a read-only file system fails."""
+
+    def __init__(self, store, refuse: bool = False):
+        super().__init__(store)
+        self.refuse, self.written = refuse, []
+
+    async def set(self, key, value):
+        self._attempt(key)
+        await self._store.set(key, value)
+
+    async def delete(self, key):
+        self._attempt(key)
+        await self._store.delete(key)
+
+    def _attempt(self, key):
+        self.written.append(key)
+        if self.refuse:
+            raise OSError(errno.EROFS, "Read-only file system", key)
+
+
+def files_of(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_finalize_of_a_complete_cache_on_read_only_storage_writes_nothing(tmp_path, spec, fingerprint):
+    root = tmp_path / "cache"
+    want = write_all(str(root), spec, fingerprint, skip=frozenset({"img3"})).finalize()
+    before = files_of(root)
+    refusing = RecordingStore(LocalStore(root), refuse=True)
+    for store in (LocalStore(root, read_only=True), refusing):
+        writer = CacheWriter.create_or_open(store, spec, fingerprint)
+        assert writer.committed() == {0, 1, 2}
+        tables = writer.finalize()
+        assert tables.index.equals(want.index) and tables.shards.equals(want.shards)
+        assert tables.skipped.equals(want.skipped)
+    assert refusing.written == []
+    assert files_of(root) == before
+
+
+def test_finalize_rewrites_only_the_stale_tables(tmp_path, spec, fingerprint):
+    want = write_all(MemoryStore(), spec, fingerprint).finalize()
+    root = tmp_path / "cache"
+    write_all(str(root), spec, fingerprint, shards=[0, 2]).finalize()
+    store = RecordingStore(LocalStore(root))
+    writer = CacheWriter.create_or_open(store, spec, fingerprint)
+    writer.finalize()
+    assert store.written == []
+    (root / INDEX_KEY).write_bytes(b"damaged")
+    writer.finalize()
+    assert store.written == [INDEX_KEY]
+    writer.write_shard(1, *fk.shard_inputs(spec, 1))
+    store.written.clear()
+    tables = writer.finalize()
+    assert store.written == [INDEX_KEY, SHARDS_KEY]  # no image is skipped, so skipped.parquet is unchanged
+    assert tables.index.equals(want.index) and tables.shards.equals(want.shards)
+    reader = CacheReader(str(root))
+    assert reader.index.equals(want.index) and reader.tables.shards.equals(want.shards)
+
+
+def test_stale_index_on_read_only_storage_names_the_location(tmp_path, spec, fingerprint):
+    root = tmp_path / "cache"
+    write_all(str(root), spec, fingerprint, shards=[0, 1])  # committed, never finalized
+    before = files_of(root)
+    refusing = RecordingStore(LocalStore(root), refuse=True)
+    with pytest.raises(StorageError, match=re.escape(f"at {refusing!r}: Read-only file system; choose a writable")):
+        CacheWriter.create_or_open(refusing, spec, fingerprint).finalize()
+    assert refusing.written == [INDEX_KEY]  # the first write failed, nothing else was tried
+    read_only = CacheWriter.create_or_open(LocalStore(root, read_only=True), spec, fingerprint)
+    with pytest.raises(StorageError, match=f"{root}: the store is opened read-only"):
+        read_only.finalize()
+    with pytest.raises(StorageError, match=f"{root}: the store is opened read-only"):
+        read_only.write_shard(2, *fk.shard_inputs(spec, 2))
+    assert files_of(root) == before
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES, errno.EPERM])
+def test_refused_shard_write_is_a_storage_error(tmp_path, spec, fingerprint, monkeypatch, code):
+    root = tmp_path / "cache"
+    writer = CacheWriter.create_or_open(str(root), spec, fingerprint)
+
+    async def refuse(self, key, value):
+        raise OSError(code, os.strerror(code), key)
+    monkeypatch.setattr(LocalStore, "set", refuse)
+    with pytest.raises(StorageError, match=f"cannot write the feature cache at {root}: {os.strerror(code)};") as e:
+        writer.write_shard(0, *fk.shard_inputs(spec, 0))
+    assert "\n" not in str(e.value) and e.value.__cause__.errno == code
+
+
+def test_other_storage_failures_keep_their_error(tmp_path, spec, fingerprint, monkeypatch):
+    writer = CacheWriter.create_or_open(str(tmp_path / "cache"), spec, fingerprint)
+
+    async def full(self, key, value):
+        raise OSError(errno.ENOSPC, "No space left on device", key)
+    monkeypatch.setattr(LocalStore, "set", full)
+    with pytest.raises(OSError, match="No space left") as e:
+        writer.write_shard(0, *fk.shard_inputs(spec, 0))
+    assert not isinstance(e.value, StorageError)
+
+
+def test_create_on_a_read_only_file_system_names_the_path(tmp_path, spec, fingerprint, monkeypatch):
+    root = tmp_path / "cache"
+
+    def refuse(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(StorageError, match=f"cannot write the feature cache at {root}: Read-only file system"):
+        CacheWriter.create_or_open(str(root), spec, fingerprint)
+    assert not root.exists()
+
+
+def test_create_in_a_read_only_store_is_refused(spec, fingerprint):
+    with pytest.raises(StorageError, match="the store is opened read-only"):
+        CacheWriter.create_or_open(MemoryStore(read_only=True), spec, fingerprint)
+    name = f"weclip-{uuid.uuid4().hex}"
+    with pytest.raises(StorageError, match=f"at memory:///{name}: the store is opened read-only; choose a writable"):
+        CacheWriter.create_or_open(FsspecStore.from_url(f"memory://{name}", read_only=True), spec, fingerprint)
+
+
+@pytest.mark.parametrize("url", [False, True])
+def test_writer_refuses_a_regular_file(tmp_path, spec, fingerprint, url):
+    somefile = tmp_path / "somefile"
+    somefile.write_bytes(b"not a cache")
+    with pytest.raises(StorageError, match=f"{somefile} is a file, but a feature cache is a folder; choose a new"):
+        CacheWriter.create_or_open(f"file://{somefile}" if url else str(somefile), spec, fingerprint)
+    assert somefile.read_bytes() == b"not a cache"
+
+
+def test_cache_refusals_are_cache_errors(tmp_path, spec, fingerprint):
+    root = str(tmp_path / "cache")
+    write_all(root, spec, fingerprint, shards=[0])
+    with pytest.raises(CacheError, match="fingerprint.seed"):
+        CacheWriter.create_or_open(root, spec, fk.tiny_fingerprint(seed=2))
+    with pytest.raises(CacheError, match="not a weclip feature cache"):
+        CacheReader(str(tmp_path))
+    with pytest.raises(CacheError, match="arrays must be exactly"):
+        CacheWriter.create_or_open(root, spec, fingerprint).write_shard(1, {}, [], [])
+
+
+def test_shard_checksum_covers_the_arrays_in_spec_order(root, spec, fingerprint):
+    writer = write_all(root, spec, fingerprint, shards=[1])
+    commit = writer.write_shard(0, *fk.shard_inputs(spec, 0))
+    want = hashlib.sha256("".join(commit.checksums[n] for n in ARRAY_NAMES).encode()).hexdigest()
+    assert CacheReader(root).tables.shards.column("checksum").to_pylist()[0] == want
+
+
+def test_an_array_declared_by_the_spec_is_written_indexed_and_read(tmp_path, spec, fingerprint, monkeypatch):
+    fk.declare_gt_mask(monkeypatch)
+    root = tmp_path / "cache"
+    write_all(str(root), spec, fingerprint, skip=frozenset({"img3"})).finalize()
+    reader = CacheReader(str(root))
+    rows = [9, 0, 5]
+    got = reader.read(rows)
+    assert list(got) == [*ARRAY_NAMES, "gt_mask"]
+    np.testing.assert_array_equal(got["gt_mask"], np.stack([fk.sample_arrays(spec, r)["gt_mask"] for r in rows]))
+    assert_reads_equal(reader, expected(spec, rows), rows)
+    sizes = [os.path.getsize(root / "gt_mask" / "c" / str(s) / "0" / "0") for s in range(spec.n_shards)]
+    assert reader.tables.shards.column("bytes_gt_mask").to_pylist() == sizes
+    commit = CacheWriter.create_or_open(str(root), spec, fingerprint).write_shard(2, *fk.shard_inputs(spec, 2))
+    shard_masks = np.stack([fk.sample_arrays(spec, r)["gt_mask"] for r in (8, 9)])
+    assert commit.checksums["gt_mask"] == hashlib.sha256(shard_masks.tobytes()).hexdigest()
+    assert not (np.asarray(zarr.open_group(LocalStore(root), mode="r")["gt_mask"][6:8]) != 255).any()  # skipped img3
+    assert reader.verify() == {}
