@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import zarr
 from zarr.storage import LocalStore
 
-from pipeline.cache.schema import ARRAY_NAMES, CacheSpec
+from pipeline.cache.schema import CacheSpec
 
 CODECS = ("none", "zstd:1", "zstd:3", "zstd:9", "blosc-lz4", "blosc-zstd:1", "blosc-zstd:3",
           "blosc-lz4-bit", "blosc-zstd-bit:1")
@@ -173,7 +173,7 @@ def main() -> None:
     rows = [r for codec in args.codecs for r in measure(spec, arrays, codec, args.repeats)]
     print(json.dumps({
         "benchmark": "cache_codecs", "model": args.model, "weights": "random", "crop": args.crop,
-        "samples": args.samples, "dtype": args.dtype, "arrays": list(ARRAY_NAMES),
+        "samples": args.samples, "dtype": args.dtype, "arrays": list(spec.arrays()),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "zarr": zarr.__version__},
         "per_array": rows, "per_sample": totals(rows),
     }, indent=1))

@@ -174,15 +174,12 @@ class AugConfig(Section):
 
 @dataclass(frozen=True)
 class ManifestConfig(Section):
-    """Building a dataset manifest (DESIGN.md §3.1, ALGORITHM.md §2); used by stages/manifest.py."""
-    voc_split: str = "train_aug"  # WeCLIP trains VOC on train_aug (10,582 ids), ALGORITHM.md §7.1
-    coco_split: str = "train"  # COCO train2014
-    shapes_split: str = "train"  # pipeline/data/shapes.py writes ImageSets/Segmentation/<split>.txt
-    folder_split: str = "train"  # the split name written for a folder of images
-    voc_labels: Literal["mask", "xml"] = "mask"  # WeCLIP code: unique GT-PNG values; CLIP-ES: XML <object><name>
-    coco_labels: Literal["mask", "json"] = "mask"  # WeCLIP code: SegmentationClass PNGs; "json": instances_*.json
+    """Building a dataset manifest (DESIGN.md §3.1, ALGORITHM.md §2); used by stages/manifest.py.
+
+    Only the settings every format shares: each format's default split and label source live in its entry of
+    pipeline/data/registry.py."""
     decode: Literal["full", "header"] = "full"  # full pixel decode catches truncated files; header = PIL verify
-    decode_threads: int = 8  # validation threads (PIL decodes outside the GIL)
+    decode_threads: PosInt = 8  # validation threads (PIL decodes outside the GIL)
 
 
 @dataclass(frozen=True)

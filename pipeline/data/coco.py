@@ -14,18 +14,22 @@ translated to the VOC-style spellings of `pipeline.model.text.COCO_CLASSES`.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 from pipeline.data.manifest import Candidate, Listing, Reject, read_id_list
+from pipeline.data.textfile import MissingFileError, read_text
 from pipeline.data.voc import image_names
+from pipeline.errors import DataError
 
 # official COCO name -> the spelling used in pipeline/model/text.py (VOC style, as the released code's lists)
 COCO_NAME_ALIASES = {"motorcycle": "motorbike", "airplane": "aeroplane", "couch": "sofa",
                      "potted plant": "pottedplant", "dining table": "diningtable", "tv": "tvmonitor"}
 _COCO_ID = re.compile(r"COCO_[a-z]+2014_(\d{12})")
+LABEL_SOURCES = ("mask", "json")  # the first is the default
 
 
 def image_dir(root: Path, split: str) -> str:
@@ -33,8 +37,8 @@ def image_dir(root: Path, split: str) -> str:
     for rel in (f"JPEGImages/{split}", f"{split}2014"):
         if (root / rel).is_dir():
             return rel
-    raise FileNotFoundError(f"no COCO images for split {split!r} under {root}: "
-                            f"expected JPEGImages/{split}/ or {split}2014/")
+    raise MissingFileError(f"no COCO images for split {split!r} under {root}: "
+                           f"expected JPEGImages/{split}/ or {split}2014/")
 
 
 def annotation_path(root: Path, split: str, annotations: str | Path | None = None) -> Path | None:
@@ -43,7 +47,7 @@ def annotation_path(root: Path, split: str, annotations: str | Path | None = Non
         path = Path(annotations)
         path = path if path.is_absolute() else root / path
         if not path.is_file():
-            raise FileNotFoundError(f"COCO annotation file {path} does not exist")
+            raise MissingFileError(f"COCO annotation file {path} does not exist")
         return path
     name = f"instances_{split}2014.json"
     return next((p for p in (root / "annotations" / name, root / name) if p.is_file()), None)
@@ -62,8 +66,8 @@ def category_map(categories: list[dict], class_names: Sequence[str], source: Pat
     for cat in categories:
         name = COCO_NAME_ALIASES.get(cat["name"], cat["name"])
         if name not in index:
-            raise ValueError(f"{source}: category {cat['name']!r} (id {cat['id']}) is not one of the "
-                             f"{len(class_names)} classes of the class list")
+            raise DataError(f"{source}: category {cat['name']!r} (id {cat['id']}) is not one of the "
+                            f"{len(class_names)} classes of the class list; use the matching class set")
         mapping[int(cat["id"])] = index[name]
     return mapping
 
@@ -71,16 +75,36 @@ def category_map(categories: list[dict], class_names: Sequence[str], source: Pat
 def json_labels(path: Path, class_names: Sequence[str]) -> tuple[dict[str, tuple[int, ...]], list[str]]:
     """Parse an instances json: (image id (file stem) -> class ids, image ids in file order)."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path, "COCO annotation file"))
         images = {int(im["id"]): im["file_name"] for im in data["images"]}
         cats = category_map(data["categories"], class_names, path)
         labels: dict[int, set[int]] = {i: set() for i in images}
         for ann in data["annotations"]:
             labels[int(ann["image_id"])].add(cats[int(ann["category_id"])])
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a COCO instances file ({type(err).__name__}: {err})") from None
+        raise DataError(f"{path} is not a COCO instances file ({type(err).__name__}: {err})") from None
     stems = {i: Path(name).stem for i, name in images.items()}
     return {stems[i]: tuple(sorted(labels[i])) for i in images}, list(stems.values())
+
+
+def folder_ids(folder: Path, images: dict[str, str]) -> list[str]:
+    """The ids of a split listed from its image folder, sorted.
+
+    A file name that is not UTF-8 cannot be stored in the manifest (Parquet strings are UTF-8), so it is refused
+    by name here instead of crashing the write after every image was validated."""
+    bad = sorted(os.fsencode(name) for name in images.values() if not _is_utf8(name))
+    if bad:
+        raise DataError(f"image folder {folder}: file name {bad[0]!r} is not UTF-8 ({len(bad)} such names); "
+                        f"rename the files, or pass list_file= with the ids to use")
+    return sorted(images)
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.scandir turns undecodable bytes into lone surrogates
+        return False
+    return True
 
 
 def read_coco(root: str | Path, split: str, class_names: Sequence[str], *,
@@ -88,26 +112,26 @@ def read_coco(root: str | Path, split: str, class_names: Sequence[str], *,
               list_file: str | Path | None = None) -> Listing:
     """List one split as manifest candidates. The ids come from `list_file` if given, else from the
     json (if any), else from the image folder."""
-    if labels_from not in ("mask", "json"):
-        raise ValueError(f"COCO labels_from must be 'mask' or 'json', got {labels_from!r}")
+    if labels_from not in LABEL_SOURCES:
+        raise DataError(f"COCO labels_from must be one of {LABEL_SOURCES}, got {labels_from!r}")
     root = Path(root)
     img_dir = image_dir(root, split)
     images = image_names(root / img_dir)
     mask_dir = f"SegmentationClass/{split}"
     has_masks = (root / mask_dir).is_dir()
     if labels_from == "mask" and not has_masks:
-        raise FileNotFoundError(f"labels_from='mask' needs {root / mask_dir}; use labels_from='json' with "
-                                f"annotations/instances_{split}2014.json instead")
+        raise MissingFileError(f"labels_from='mask' needs {root / mask_dir}; use labels_from='json' with "
+                               f"annotations/instances_{split}2014.json instead")
     json_path = annotation_path(root, split, annotations)
     if labels_from == "json" and json_path is None:
-        raise FileNotFoundError(f"labels_from='json' needs annotations/instances_{split}2014.json under {root} "
-                                f"(or pass annotations=)")
+        raise MissingFileError(f"labels_from='json' needs annotations/instances_{split}2014.json under {root} "
+                               f"(or pass annotations=)")
     by_id, json_ids = json_labels(json_path, class_names) if json_path is not None else ({}, [])
     if list_file is not None:
         path = Path(list_file)
         ids = read_id_list(path if path.is_absolute() else root / path)
     else:
-        ids = json_ids or sorted(images)
+        ids = json_ids or folder_ids(root / img_dir, images)
     listing = Listing()
     for image_id in ids:
         image_path = f"{img_dir}/{images.get(image_id, image_id + '.jpg')}"

@@ -9,26 +9,26 @@ relative to the root. The image id is the image path without its suffix.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from pipeline.data.manifest import Candidate, Listing, Reject, strip_image_suffix
+from pipeline.data.textfile import read_text
+from pipeline.errors import DataError
 
 
 def load_class_names(path: str | Path) -> tuple[str, ...]:
     """Class names from a text file, one per line (index = class id); blank and '#' lines are skipped."""
-    path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"class-name file {path} does not exist") from None
+    lines = read_text(path, "class-name file").splitlines()
     names = tuple(s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#"))
     if not names:
-        raise ValueError(f"class-name file {path} lists no classes")
-    if len(set(names)) != len(names):
-        raise ValueError(f"class-name file {path} lists a class twice")
+        raise DataError(f"class-name file {path} lists no classes; write one class name per line")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DataError(f"class-name file {path} lists a class twice ({twice}); keep one line per class")
     return names
 
 
@@ -57,25 +57,31 @@ def parse_labels(labels: str | Sequence[str | int], index: dict[str, int]) -> tu
     return tuple(ids), unknown
 
 
+def _csv_records(path: Path) -> list[dict]:
+    reader = csv.DictReader(io.StringIO(read_text(path, "label file"), newline=""))
+    missing = {"image", "labels"} - set(reader.fieldnames or ())
+    if missing:
+        raise DataError(f"label file {path} lacks the column(s) {sorted(missing)}; "
+                        f"expected a header like 'image,labels'")
+    return [dict(r) for r in reader]
+
+
+def _json_records(path: Path) -> list[dict]:
+    try:
+        data = json.loads(read_text(path, "label file"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"label file {path} is not valid JSON ({err})") from None
+    return [{"image": k, "labels": v} for k, v in data.items()] if isinstance(data, dict) else list(data)
+
+
 def _records(path: Path) -> list[dict]:
     """The label file as a list of {'image', 'labels', 'mask'?} dicts."""
-    try:
-        if path.suffix.lower() == ".csv":
-            with path.open(newline="") as f:
-                reader = csv.DictReader(f)
-                missing = {"image", "labels"} - set(reader.fieldnames or ())
-                if missing:
-                    raise ValueError(f"label file {path} lacks the column(s) {sorted(missing)}; "
-                                     f"expected a header like 'image,labels'")
-                return [dict(r) for r in reader]
-        if path.suffix.lower() == ".json":
-            data = json.loads(path.read_text())
-            return [{"image": k, "labels": v} for k, v in data.items()] if isinstance(data, dict) else list(data)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"label file {path} does not exist") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"label file {path} is not valid JSON ({err})") from None
-    raise ValueError(f"label file {path} must be .csv or .json")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _csv_records(path)
+    if suffix == ".json":
+        return _json_records(path)
+    raise DataError(f"label file {path} must be .csv or .json")
 
 
 def read_folder(root: str | Path, labels_file: str | Path, class_names: Sequence[str], *,
@@ -88,7 +94,7 @@ def read_folder(root: str | Path, labels_file: str | Path, class_names: Sequence
     listing = Listing()
     for n, rec in enumerate(_records(path)):
         if not isinstance(rec, dict) or not rec.get("image"):
-            raise ValueError(f"label file {path}, record {n + 1}: needs an 'image' entry, got {rec!r}")
+            raise DataError(f"label file {path}, record {n + 1}: needs an 'image' entry, got {rec!r}")
         image_path = _relative(root, rec["image"])
         image_id = str(PurePosixPath(image_path).with_name(strip_image_suffix(PurePosixPath(image_path).name)))
         labels, unknown = parse_labels(rec.get("labels") or "", index)

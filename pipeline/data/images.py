@@ -14,6 +14,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from pipeline.errors import DataError
+
 # Modes PIL converts to RGB without losing meaning. The 16-bit grayscale modes are scaled first.
 _RGB_CONVERTIBLE = frozenset({"RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV",
                               "L", "LA", "La", "P", "PA", "1"})
@@ -23,9 +25,9 @@ _MASK_MODES = frozenset({"P", "L"})  # VOC SegmentationClass is P, SegmentationC
 DecodeMode = Literal["full", "header"]
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(DataError):
     """A file that cannot be used. `reason` is a short code used in reject files: missing, empty,
-    corrupt, unsupported_mode."""
+    corrupt, unsupported_mode, size_mismatch."""
 
     def __init__(self, path: Path, reason: str, detail: str) -> None:
         super().__init__(f"{path}: {detail}")
@@ -34,12 +36,17 @@ class ImageDecodeError(ValueError):
 
 
 def _open(path: Path) -> Image.Image:
-    """Open a file lazily (header only), turning every failure into an ImageDecodeError."""
+    """Open a file lazily (header only), turning every failure into an ImageDecodeError.
+
+    A path that does not resolve to a file (absent, a symlink loop, a dangling link, a component that is not a
+    folder) is `missing`, as `os.path.exists` sees it: one such file must not stop a whole manifest build."""
     path = Path(path)
     try:
         size = path.stat().st_size
     except FileNotFoundError:
         raise ImageDecodeError(path, "missing", "file does not exist") from None
+    except OSError as err:
+        raise ImageDecodeError(path, "missing", f"path does not lead to a file ({err.strerror})") from None
     if size == 0:
         raise ImageDecodeError(path, "empty", "file has zero bytes")
     try:

@@ -23,6 +23,8 @@ from tqdm import tqdm
 from pipeline.files import atomic_write
 from pipeline.config import IGNORE_INDEX
 from pipeline.data.images import DecodeMode, ImageDecodeError, check_image, load_mask
+from pipeline.data.textfile import MissingFileError, read_text
+from pipeline.errors import DataError, StorageError
 
 _ARROW_TYPES = {"string": pa.string(), "int16": pa.int16(), "int32": pa.int32(),
                 "list<int16>": pa.list_(pa.int16())}
@@ -57,7 +59,7 @@ class Candidate:
 
     def __post_init__(self) -> None:
         if self.labels is None and self.mask_path is None:
-            raise ValueError(f"candidate {self.image_id!r} has neither labels nor a mask to derive them from")
+            raise DataError(f"candidate {self.image_id!r} has neither labels nor a mask to derive them from")
 
 
 @dataclass(frozen=True)
@@ -86,10 +88,26 @@ class Listing:
     rejects: list[Reject] = field(default_factory=list)
 
 
+def has_image_suffix(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in _IMAGE_SUFFIXES
+
+
 def strip_image_suffix(name: str) -> str:
     """'JPEGImages/2007_000032.jpg' -> '2007_000032'; an id without an image suffix is kept as is."""
     path = PurePosixPath(name)
-    return path.stem if path.suffix.lower() in _IMAGE_SUFFIXES else path.name
+    return path.stem if has_image_suffix(name) else path.name
+
+
+def list_line_id(path: Path, number: int, line: str) -> str:
+    """The id of one split-list line (see `read_id_list`).
+
+    A line whose later tokens are neither a DeepLab pair (first token a file name) nor CLIP-ES class ids is an id
+    with whitespace (`my image`); it is refused here, naming the line, rather than later as a missing `my.jpg`."""
+    first, *rest = line.split()
+    if rest and not has_image_suffix(first) and not all(t.isdigit() for t in rest):
+        raise DataError(f"split list {path}, line {number}: id {line.strip()!r} contains whitespace; "
+                        f"rename the image without spaces (or list it in a folder-format labels CSV)")
+    return strip_image_suffix(first)
 
 
 def read_id_list(path: Path) -> list[str]:
@@ -98,14 +116,11 @@ def read_id_list(path: Path) -> list[str]:
     Accepts plain ids (`ImageSets/Segmentation/train.txt`), DeepLab-style pairs
     (`/JPEGImages/x.jpg /SegmentationClassAug/x.png`) and CLIP-ES's `coco14/*.txt` (id then class ids).
     """
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"split list {path} does not exist") from None
-    ids = [strip_image_suffix(line.split()[0]) for line in text.splitlines()
+    lines = read_text(path, "split list").splitlines()
+    ids = [list_line_id(Path(path), n, line) for n, line in enumerate(lines, 1)
            if line.strip() and not line.lstrip().startswith("#")]
     if not ids:
-        raise ValueError(f"split list {path} contains no ids")
+        raise DataError(f"split list {path} contains no ids; list one image id per line")
     return ids
 
 
@@ -178,6 +193,24 @@ def rejects_path(manifest_path: str | Path) -> Path:
     return path.with_name(path.name.removesuffix(".parquet") + ".rejects.jsonl")
 
 
+def manifest_target(out: str | Path, dataset: str, split: str) -> Path:
+    """The manifest file `out` names: `out` itself when it ends in .parquet, else `<out>/<dataset>_<split>.parquet`.
+
+    Checked before any image is read, so an output that cannot be written fails at once, not after validation:
+    an existing folder where the manifest or its rejects file would go, or a file where a folder is needed."""
+    out = Path(out)
+    path = out if out.suffix == ".parquet" else out / f"{dataset}_{split}.parquet"
+    for target in (path, rejects_path(path)):
+        if target.is_dir():
+            raise StorageError(f"cannot write {target}: it is an existing folder; remove it, or pass -o another "
+                               f".parquet file path or folder")
+    blocker = next((p for p in path.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise StorageError(f"output {out}: {blocker} is a file, not a folder; pass -o a path ending in .parquet, "
+                           f"or a folder")
+    return path
+
+
 def write_rejects(path: str | Path, rejects: Iterable[Reject]) -> Path:
     """One JSON object per line (always written, so a stale file never survives a rebuild)."""
     lines = "".join(json.dumps(asdict(r)) + "\n" for r in rejects)
@@ -185,7 +218,7 @@ def write_rejects(path: str | Path, rejects: Iterable[Reject]) -> Path:
 
 
 def read_rejects(path: str | Path) -> list[Reject]:
-    return [Reject(**json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [Reject(**json.loads(line)) for line in read_text(path, "rejects file").splitlines() if line.strip()]
 
 
 def write_manifest(path: str | Path, rows: Sequence[ManifestRow], *, dataset: str, class_names: Sequence[str],
@@ -193,7 +226,7 @@ def write_manifest(path: str | Path, rows: Sequence[ManifestRow], *, dataset: st
     """Write the Parquet manifest atomically, with the metadata of manifest_schema.json."""
     path = Path(path)
     if path.suffix != ".parquet":
-        raise ValueError(f"manifest path {path} must end in .parquet")
+        raise DataError(f"manifest path {path} must end in .parquet")
     schema = arrow_schema()
     columns = {name: [getattr(r, name) for r in rows] for name in schema.names}
     columns["labels"] = [list(r.labels) for r in rows]
@@ -237,22 +270,22 @@ def read_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
     """Read and check a manifest. `root` overrides the recorded root (data moved to another machine)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist; build it with `weclip manifest`")
+        raise MissingFileError(f"manifest {path} does not exist; build it with `weclip manifest`")
     try:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as err:
-        raise ValueError(f"{path} is not a readable Parquet file ({err}); rebuild it with `weclip manifest`") from None
+        raise DataError(f"{path} is not a readable Parquet file ({err}); rebuild it with `weclip manifest`") from None
     raw = (table.schema.metadata or {}).get(schema_spec()["metadata_key"].encode())
     if raw is None:
-        raise ValueError(f"{path} has no weclip manifest metadata; it was not written by `weclip manifest`")
+        raise DataError(f"{path} has no weclip manifest metadata; it was not written by `weclip manifest`")
     meta = json.loads(raw)
     if meta.get("schema_version") != schema_version():
-        raise ValueError(f"{path} has manifest schema version {meta.get('schema_version')}, this code reads "
-                         f"{schema_version()}; rebuild it with `weclip manifest`")
+        raise DataError(f"{path} has manifest schema version {meta.get('schema_version')}, this code reads "
+                        f"{schema_version()}; rebuild it with `weclip manifest`")
     expected = arrow_schema()
     if not table.schema.remove_metadata().equals(expected):
-        raise ValueError(f"{path} columns {table.schema.names} with types {table.schema.types} do not match "
-                         f"the manifest schema {expected.names}; rebuild it with `weclip manifest`")
+        raise DataError(f"{path} columns {table.schema.names} with types {table.schema.types} do not match "
+                        f"the manifest schema {expected.names}; rebuild it with `weclip manifest`")
     return Manifest(path=path, table=table, dataset=meta["dataset"], class_set=meta.get("class_set"),
                     class_names=tuple(meta["class_names"]), root=Path(root if root is not None else meta["root"]),
                     command=meta["command"])

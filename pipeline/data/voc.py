@@ -19,11 +19,14 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.data.manifest import Candidate, Listing, Reject, read_id_list
+from pipeline.data.textfile import MissingFileError
+from pipeline.errors import DataError
 
 IMAGE_DIR = "JPEGImages"
 MASK_DIRS = ("SegmentationClassAug", "SegmentationClass")  # first existing one wins
 XML_DIR = "Annotations"
 SPLIT_DIRS = ("ImageSets/Segmentation", "ImageSets/SegmentationAug", ".")
+LABEL_SOURCES = ("mask", "xml")  # the first is the default
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
 
@@ -37,14 +40,14 @@ def split_list_path(root: Path, split: str, list_file: str | Path | None = None)
     for path in tried:
         if path.is_file():
             return path
-    raise FileNotFoundError(f"no list file for split {split!r}; looked for {[str(p) for p in tried]}; "
-                            f"pass list_file= (e.g. WeCLIP's datasets/voc/train_aug.txt)")
+    raise MissingFileError(f"no list file for split {split!r}; looked for {[str(p) for p in tried]}; "
+                           f"pass list_file= (e.g. WeCLIP's datasets/voc/train_aug.txt)")
 
 
 def image_names(image_dir: Path) -> dict[str, str]:
     """id -> file name for the images in a folder (one directory scan instead of a stat per id)."""
     if not image_dir.is_dir():
-        raise FileNotFoundError(f"image folder {image_dir} does not exist")
+        raise MissingFileError(f"image folder {image_dir} does not exist")
     names: dict[str, str] = {}
     for entry in sorted(os.scandir(image_dir), key=lambda e: e.name):
         stem, ext = os.path.splitext(entry.name)
@@ -65,6 +68,8 @@ def _xml_labels(root: Path, image_id: str, index: dict[str, int]) -> tuple[int, 
         names = xml_class_names(root / rel)
     except FileNotFoundError:
         return Reject(image_id, rel, "annotation_missing", f"{root / rel} does not exist")
+    except OSError as err:  # a symlink loop, a folder, no permission: this image has no readable label source
+        return Reject(image_id, rel, "annotation_missing", f"{root / rel} cannot be read ({err.strerror})")
     except ET.ParseError as err:
         return Reject(image_id, rel, "annotation_corrupt", f"{root / rel}: {err}")
     unknown = sorted({n for n in names if n not in index})
@@ -76,15 +81,15 @@ def _xml_labels(root: Path, image_id: str, index: dict[str, int]) -> tuple[int, 
 def read_voc(root: str | Path, split: str, class_names: Sequence[str], *, list_file: str | Path | None = None,
              labels_from: Literal["mask", "xml"] = "mask") -> Listing:
     """List the images of one split as manifest candidates (validated later by `manifest.validate`)."""
-    if labels_from not in ("mask", "xml"):
-        raise ValueError(f"VOC labels_from must be 'mask' or 'xml', got {labels_from!r}")
+    if labels_from not in LABEL_SOURCES:
+        raise DataError(f"VOC labels_from must be one of {LABEL_SOURCES}, got {labels_from!r}")
     root = Path(root)
     ids = read_id_list(split_list_path(root, split, list_file))
     images = image_names(root / IMAGE_DIR)
     mask_dir = next((d for d in MASK_DIRS if (root / d).is_dir()), None)
     if labels_from == "mask" and mask_dir is None:
-        raise FileNotFoundError(f"labels_from='mask' needs {' or '.join(MASK_DIRS)} under {root}; "
-                                f"use labels_from='xml' to read {XML_DIR}/ instead")
+        raise MissingFileError(f"labels_from='mask' needs {' or '.join(MASK_DIRS)} under {root}; "
+                               f"use labels_from='xml' to read {XML_DIR}/ instead")
     index = {name: i for i, name in enumerate(class_names)}
     listing = Listing()
     for image_id in ids:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from tests.data import data_fakes as fk
 
 from pipeline.data.coco import category_map, mask_name, read_coco
 from pipeline.data.manifest import validate
+from pipeline.errors import DataError
 from pipeline.model.text import COCO_CLASSES
 
 OURS = {c["id"]: COCO_CLASSES.index(n) for c, n in zip(fk.COCO_CATEGORIES, [
@@ -87,3 +89,23 @@ def test_layout_errors(tmp_path):
     bad.write_text(json.dumps({"images": []}))
     with pytest.raises(ValueError, match="bad.json is not a COCO instances file"):
         read_coco(root, "train", COCO_CLASSES, labels_from="json", annotations="annotations/bad.json")
+
+
+def test_non_utf8_instances_json_names_the_line(tmp_path):
+    root = fk.make_coco(tmp_path, "train", {9: [1]})
+    path = root / "annotations/instances_train2014.json"
+    path.write_bytes(path.read_bytes().replace(b'"images"', b'\n"im\xe9ages"'))
+    with pytest.raises(DataError, match=r"COCO annotation file .*instances_train2014\.json, line 2: byte 0xe9"):
+        read_coco(root, "train", COCO_CLASSES, labels_from="json")
+
+
+def test_folder_listing_refuses_non_utf8_file_names(tmp_path):
+    root = fk.make_coco(tmp_path, "train", {9: [1]}, masks={9: [1]})
+    (root / "annotations/instances_train2014.json").unlink()
+    image = root / "JPEGImages/train/COCO_train2014_000000000009.jpg"
+    os.link(image, os.fsencode(image.parent) + b"/caf\xe9.jpg")
+    with pytest.raises(DataError, match=r"JPEGImages/train: file name b'caf\\xe9\.jpg' is not UTF-8"):
+        read_coco(root, "train", COCO_CLASSES)
+    (root / "ids.txt").write_text("COCO_train2014_000000000009\n")  # a list names the ids: the stray file is unused
+    rows, rejects = rows_of(root, list_file="ids.txt")
+    assert list(rows) == ["COCO_train2014_000000000009"] and rejects == []

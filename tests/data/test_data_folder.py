@@ -10,6 +10,7 @@ from tests.data import data_fakes as fk
 
 from pipeline.data.folder import load_class_names, parse_labels, read_folder
 from pipeline.data.manifest import validate
+from pipeline.errors import DataError, StorageError
 
 NAMES = ("cat", "dog", "traffic light", "tree")
 
@@ -81,3 +82,33 @@ def test_class_name_file(tmp_path):
     (tmp_path / "d.txt").write_text("cat\ncat\n")
     with pytest.raises(ValueError, match="twice"):
         load_class_names(tmp_path / "d.txt")
+
+
+def test_csv_with_byte_order_mark_reads_like_without(tmp_path):
+    root = build(tmp_path)
+    text = "image,labels\na.jpg,dog cat\nsub/b.png,tree\n"
+    (root / "plain.csv").write_text(text, encoding="utf-8")
+    (root / "bom.csv").write_text(text, encoding="utf-8-sig")  # what Excel's "CSV UTF-8" writes
+    assert (root / "bom.csv").read_bytes().startswith(b"\xef\xbb\xbf")
+    assert rows_of(root, "bom.csv") == rows_of(root, "plain.csv")
+    assert rows_of(root, "bom.csv")[0]["a"].labels == (0, 1)
+
+
+def test_non_utf8_label_and_class_files_name_the_line(tmp_path):
+    root = build(tmp_path)
+    (root / "l.csv").write_bytes("image,labels\na.jpg,cat\nné.jpg,dog\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"label file .*l\.csv, line 3: byte 0xe9 is not UTF-8"):
+        read_folder(root, "l.csv", NAMES)
+    (root / "l.json").write_bytes(b'{"a.jpg": ["cat"],\n "\xe9.jpg": ["dog"]}')
+    with pytest.raises(DataError, match=r"label file .*l\.json, line 2: byte 0xe9"):
+        read_folder(root, "l.json", NAMES)
+    (root / "c.txt").write_bytes("cat\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"class-name file .*c\.txt, line 2: byte 0xe9"):
+        load_class_names(root / "c.txt")
+
+
+def test_label_file_symlink_loop_is_a_storage_error(tmp_path):
+    root = build(tmp_path)
+    (root / "loop.csv").symlink_to("loop.csv")
+    with pytest.raises(StorageError, match=r"label file .*loop\.csv cannot be read"):
+        read_folder(root, "loop.csv", NAMES)

@@ -10,6 +10,7 @@ from PIL import Image
 from tests.data import data_fakes as fk
 
 from pipeline.data.images import ImageDecodeError, check_image, load_mask, load_rgb
+from pipeline.errors import DataError
 
 
 def test_png_named_jpg_is_sniffed_and_lossless(tmp_path):
@@ -93,3 +94,19 @@ def test_rgb_mask_is_rejected(tmp_path):
     with pytest.raises(ImageDecodeError) as err:
         load_mask(path)
     assert err.value.reason == "unsupported_mode" and "'RGB'" in str(err.value)
+
+
+@pytest.mark.parametrize("loop", [{"a.jpg": "a.jpg"}, {"a.jpg": "b.jpg", "b.jpg": "a.jpg"}])
+def test_symlink_loop_is_a_missing_file_not_a_crash(tmp_path, loop):
+    for name, target in loop.items():
+        (tmp_path / name).symlink_to(target)
+    for check in (check_image, lambda p: check_image(p, decode="header"), load_rgb, load_mask):
+        with pytest.raises(ImageDecodeError) as err:
+            check(tmp_path / "a.jpg")
+        assert err.value.reason == "missing" and "a.jpg" in str(err.value)
+        assert "symbolic links" in str(err.value)
+
+
+def test_decode_errors_are_data_errors(tmp_path):
+    with pytest.raises(DataError, match="nope.jpg: file does not exist"):
+        load_rgb(tmp_path / "nope.jpg")

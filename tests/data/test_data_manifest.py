@@ -11,9 +11,10 @@ import pytest
 
 from tests.data import data_fakes as fk
 
-from pipeline.data.manifest import (Candidate, ManifestRow, Reject, arrow_schema, mask_labels, read_id_list,
-                                    read_manifest, read_rejects, rejects_path, schema_spec, validate,
+from pipeline.data.manifest import (Candidate, ManifestRow, Reject, arrow_schema, manifest_target, mask_labels,
+                                    read_id_list, read_manifest, read_rejects, rejects_path, schema_spec, validate,
                                     write_manifest, write_rejects)
+from pipeline.errors import DataError, StorageError
 
 
 def uint8_trick(mask: np.ndarray) -> tuple[int, ...]:
@@ -136,3 +137,65 @@ def test_id_list_formats(tmp_path):
     assert read_id_list(path) == ["2007_000032", "2007_000039", "COCO_train2014_000000000009"]
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         read_id_list(tmp_path / "nope.txt")
+
+
+def test_id_list_bom_and_bad_lines_name_the_line(tmp_path):
+    path = tmp_path / "l.txt"
+    path.write_bytes(b"\xef\xbb\xbf2007_000032\n2007_000039\n")
+    assert read_id_list(path) == ["2007_000032", "2007_000039"]
+    path.write_text("# ids\n2007_000032\nmy image\n")
+    with pytest.raises(DataError, match=r"l\.txt, line 3: id 'my image' contains whitespace"):
+        read_id_list(path)
+    path.write_text("/JPEGImages/my image.jpg /SegmentationClassAug/my image.png\n")
+    with pytest.raises(DataError, match=r"l\.txt, line 1: id .*contains whitespace"):
+        read_id_list(path)
+    path.write_bytes(b"a\n\nb\xff\n")
+    with pytest.raises(DataError, match=r"l\.txt, line 3: byte 0xff is not UTF-8"):
+        read_id_list(path)
+    path.write_text("# only a comment\n")
+    with pytest.raises(DataError, match="contains no ids"):
+        read_id_list(path)
+
+
+def test_symlink_loops_are_rejects(tmp_path):
+    root = _tree(tmp_path)
+    (root / "loop.jpg").symlink_to("loop.jpg")
+    (root / "x.png").symlink_to("y.png")
+    (root / "y.png").symlink_to("x.png")
+    cands = [Candidate("img", "loop.jpg", "train", None, (1,)), Candidate("mask", "good.jpg", "train", "x.png"),
+             Candidate("ok", "good.jpg", "train", "good.png")]
+    rows, rejects = validate(cands, root, num_classes=20, progress=False, workers=2)
+    assert [r.image_id for r in rows] == ["ok"]
+    assert [(r.image_id, r.path, r.reason) for r in rejects] == [("img", "loop.jpg", "image_missing"),
+                                                                  ("mask", "x.png", "mask_missing")]
+    assert all("symbolic links" in r.detail for r in rejects)
+
+
+def test_manifest_target(tmp_path):
+    assert manifest_target(tmp_path / "m.parquet", "voc", "val") == tmp_path / "m.parquet"
+    assert manifest_target(tmp_path / "new/dir", "voc", "val") == tmp_path / "new/dir/voc_val.parquet"
+    (tmp_path / "d.parquet").mkdir()
+    with pytest.raises(StorageError, match=r"cannot write .*d\.parquet: it is an existing folder"):
+        manifest_target(tmp_path / "d.parquet", "voc", "val")
+    (tmp_path / "o/voc_val.parquet").mkdir(parents=True)
+    with pytest.raises(StorageError, match=r"cannot write .*o/voc_val\.parquet: it is an existing folder"):
+        manifest_target(tmp_path / "o", "voc", "val")
+    (tmp_path / "r/voc_val.rejects.jsonl").mkdir(parents=True)
+    with pytest.raises(StorageError, match=r"cannot write .*r/voc_val\.rejects\.jsonl: it is an existing folder"):
+        manifest_target(tmp_path / "r", "voc", "val")
+    (tmp_path / "f").write_text("")
+    for out in (tmp_path / "f", tmp_path / "f/sub/m.parquet"):
+        with pytest.raises(StorageError, match=r"f is a file, not a folder"):
+            manifest_target(out, "voc", "val")
+
+
+def test_errors_are_data_errors(tmp_path):
+    with pytest.raises(DataError, match="neither labels nor a mask"):
+        Candidate("a", "a.jpg", "train")
+    with pytest.raises(DataError, match="must end in .parquet"):
+        write_manifest(tmp_path / "m.pq", [], dataset="voc", class_names=["x"], root=tmp_path, command="")
+    (tmp_path / "junk.parquet").write_text("junk")
+    with pytest.raises(DataError, match="junk.parquet is not a readable Parquet file"):
+        read_manifest(tmp_path / "junk.parquet")
+    with pytest.raises(StorageError, match="manifest .*missing.parquet does not exist"):
+        read_manifest(tmp_path / "missing.parquet")

@@ -10,6 +10,7 @@ from tests.data import data_fakes as fk
 
 from pipeline.data.manifest import validate
 from pipeline.data.voc import read_voc
+from pipeline.errors import DataError
 from pipeline.model.text import VOC_CLASSES
 
 CAT, DOG, PERSON = VOC_CLASSES.index("cat"), VOC_CLASSES.index("dog"), VOC_CLASSES.index("person")
@@ -128,3 +129,25 @@ def test_png_images_are_found(tmp_path):
     jpg.unlink()
     rows, rejects = rows_of(root)
     assert rejects == [] and rows["2007_000001"].image_path == "JPEGImages/2007_000001.png"
+
+
+def test_unreadable_xml_is_a_reject(tmp_path):
+    root = build(tmp_path)
+    xml = root / "Annotations/2007_000001.xml"
+    xml.unlink()
+    xml.symlink_to(xml.name)
+    rows, rejects = rows_of(root, labels_from="xml")
+    assert sorted(rows) == ["2007_000002", "2007_000003"]
+    assert [(r.image_id, r.path, r.reason) for r in rejects] == [
+        ("2007_000001", "Annotations/2007_000001.xml", "annotation_missing")]
+    assert "symbolic links" in rejects[0].detail
+
+
+def test_bad_list_lines_name_the_list_and_line(tmp_path):
+    root = build(tmp_path)
+    (root / "spaces.txt").write_text("2007_000001\n2007_000002 copy\n")
+    with pytest.raises(DataError, match=r"spaces\.txt, line 2: id '2007_000002 copy' contains whitespace"):
+        read_voc(root, "train", VOC_CLASSES, list_file="spaces.txt")
+    (root / "latin1.txt").write_bytes("2007_000001\ncafé\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.txt, line 2: byte 0xe9 is not UTF-8"):
+        read_voc(root, "train", VOC_CLASSES, list_file="latin1.txt")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,9 @@ import pytest
 from tests.data import data_fakes as fk
 
 from pipeline.config import ManifestConfig
+from pipeline.data import registry
 from pipeline.data.manifest import read_manifest, read_rejects
+from pipeline.errors import DataError, StorageError
 from pipeline.model.text import COCO_CLASSES, VOC_CLASSES, class_set
 from stages.manifest import run
 
@@ -81,3 +84,55 @@ def test_clear_failures(tmp_path):
     with pytest.raises(ValueError, match="all 1 were rejected; see .*rejects.jsonl"):
         run("voc", root, tmp_path / "o", split="train", cfg=CFG, progress=False)
     assert read_rejects(tmp_path / "o/voc_train.rejects.jsonl")[0].reason == "no_foreground"
+
+
+def test_symlink_loop_image_is_a_recorded_reject(tmp_path):
+    root = fk.make_voc(tmp_path / "voc", {"a": ([8], []), "b": ([15], []), "c": ([8], [])})
+    (root / "JPEGImages/b.jpg").unlink()
+    (root / "JPEGImages/b.jpg").symlink_to("b.jpg")
+    (root / "JPEGImages/c.jpg").unlink()
+    (root / "JPEGImages/c.jpg").symlink_to("c2.jpg")
+    (root / "JPEGImages/c2.jpg").symlink_to("c.jpg")
+    s = run("voc", root, tmp_path / "m.parquet", split="train", cfg=CFG, progress=False)
+    assert (s.images, s.rejected) == (1, {"image_missing": 2})
+    assert [(r.image_id, r.path) for r in read_rejects(s.rejects_path)] == [("b", "JPEGImages/b.jpg"),
+                                                                          ("c", "JPEGImages/c.jpg")]
+
+
+def test_output_that_is_a_folder_fails_before_any_work(tmp_path):
+    root = fk.make_voc(tmp_path / "voc", {"a": ([8], [])})
+    (tmp_path / "m.parquet").mkdir()
+    with pytest.raises(StorageError, match=r"cannot write .*m\.parquet: it is an existing folder; remove it"):
+        run("voc", root, tmp_path / "m.parquet", split="train", cfg=CFG, progress=False)
+    assert list((tmp_path / "m.parquet").iterdir()) == [] and not (tmp_path / "m.rejects.jsonl").exists()
+    (tmp_path / "out/voc_train.parquet").mkdir(parents=True)
+    with pytest.raises(StorageError, match=r"out/voc_train\.parquet: it is an existing folder"):
+        run("voc", root, tmp_path / "out", split="train", cfg=CFG, progress=False)
+
+
+def test_list_and_csv_problems_name_file_and_line(tmp_path):
+    root = fk.make_voc(tmp_path / "voc", {"a": ([8], []), "my": ([8], [])})
+    (root / "ids.txt").write_text("a\nmy image\n")
+    with pytest.raises(DataError, match=r"ids\.txt, line 2: id 'my image' contains whitespace"):
+        run("voc", root, tmp_path, list_file="ids.txt", cfg=CFG, progress=False)
+    (root / "ids.txt").write_bytes(b"a\n\xff\n")
+    with pytest.raises(DataError, match=r"ids\.txt, line 2: byte 0xff is not UTF-8"):
+        run("voc", root, tmp_path, list_file="ids.txt", cfg=CFG, progress=False)
+    fk.write_image(tmp_path / "f/x.jpg", fk.rgb(5, 5))
+    (tmp_path / "f/l.csv").write_text("image,labels\nx.jpg,dog\n", encoding="utf-8-sig")
+    s = run("folder", tmp_path / "f", tmp_path / "f.parquet", labels_file="l.csv", class_set="voc", cfg=CFG,
+            progress=False)
+    assert read_manifest(s.manifest_path).rows[0].labels == (VOC_CLASSES.index("dog"),)
+
+
+def test_a_registered_layout_needs_no_stage_change(tmp_path, monkeypatch):
+    # the VOC reader under another name, whose split and label source default to 'every' and the XML
+    root = fk.make_voc(tmp_path / "toy", {"a": ([15], ["cat"])}, split="every")  # mask says person, XML cat
+    toy = replace(registry.layout("voc"), name="toy", split="every", labels_from=("xml", "mask"))
+    monkeypatch.setitem(registry.LAYOUTS, "toy", toy)
+    s = run("toy", root, tmp_path, cfg=CFG, progress=False)
+    m = read_manifest(s.manifest_path)
+    assert s.manifest_path == tmp_path / "toy_every.parquet" and (m.dataset, m.class_set) == ("toy", "voc")
+    assert m.rows[0].labels == (VOC_CLASSES.index("cat"),)
+    s = run("toy", root, tmp_path / "mask.parquet", labels_from="mask", cfg=CFG, progress=False)
+    assert read_manifest(s.manifest_path).rows[0].labels == (VOC_CLASSES.index("person"),)
