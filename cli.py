@@ -22,23 +22,26 @@ app = typer.Typer(
 )
 
 DEBUG_ENV = "WECLIP_DEBUG"
+_debug = False  # set per invocation by `main` and the --debug option
 
 
 @app.callback()
 def _options(debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error (or WECLIP_DEBUG=1).")
              ) -> None:
-    if debug:
-        os.environ[DEBUG_ENV] = "1"
+    global _debug
+    _debug = _debug or debug
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     """The `weclip` console script: the typer app, with user errors as one line on stderr and exit code 2."""
     from pipeline.errors import WeclipError
 
+    global _debug
+    _debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         app(args=argv, prog_name="weclip")
     except WeclipError as err:
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        if _debug:
             raise
         typer.echo("error: " + " ".join(str(err).split()), err=True)
         raise SystemExit(2) from None

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/evaluate_throughput.py [--model ViT-B-16-quickgelu] [--images 6] [--workers 2]
 
-* `images_per_s`: multi-scale + flip inference (ALGORITHM.md §8.1: long side 512, scales 1.0 / 0.75, h-flip) + argmax,
+* `images_per_s`: multi-scale + flip inference (docs/algorithm.md §8.1: long side 512, scales 1.0 / 0.75, h-flip) + argmax,
   backbone and decoder in this process, after one warm-up image.
 * `images_per_s_crf`: the same with DenseCRF (WeCLIP parameters) in the stage's `CrfPool` of `--workers` processes,
   streamed as `weclip evaluate` does it (the backbone computes the next images while the pool runs the CRF).

@@ -1,4 +1,4 @@
-"""Quality of the shipped tiny CLIP on a held-out shapes world; prints JSON (DESIGN.md §5).
+"""Quality of the shipped tiny CLIP on a held-out shapes world; prints JSON (docs/design.md §5).
 
     .venv/bin/python benchmarks/shapes_quality.py [--count 200] [--seed 2024] [--record RECORD_JSON]
 
@@ -7,14 +7,14 @@ layout and read back from its files (JPEG images, PNG masks), as a real dataset 
 - `presence_map`: zero-shot presence, per-class AP of the image–prompt cosine over all images, averaged;
 - `miou` (percent, background included, at each image's own size), one entry per method:
   - `all_bg`: every pixel background (the floor);
-  - `cam`: raw Softmax-Grad-CAM (ALGORITHM.md §4), labels = keys[argmax [(1 − max CAM)^p, CAMs]] (§5.3), p = the
+  - `cam`: raw Softmax-Grad-CAM (docs/algorithm.md §4), labels = keys[argmax [(1 − max CAM)^p, CAMs]] (§5.3), p = the
     preset's `refine.bg_power`;
   - `caa`: CLIP-ES CAA, `refine_cams` with `static_affinity` of the preset's last `refine.static_layers` maps (§5.2);
   - `caa_crf`: CAA, then DenseCRF with CLIP-ES's parameters (`CLIPES_CRF`) on the [bg, CAMs] stack with p = 1 (§5.3),
     on the RGB image, no confidence threshold.
-  - `caa_par`: the online pseudo label before RFM — CAA, then PAR (ALGORITHM.md §6.5), labels by argmax, no CRF:
+  - `caa_par`: the online pseudo label before RFM — CAA, then PAR (docs/algorithm.md §6.5), labels by argmax, no CRF:
     what the decoder learns from until `refine.rfm_start_iter`, here on the whole val image.
-Image-level labels are the classes of each GT mask (ALGORITHM.md §2.1, WeCLIP's rule).
+Image-level labels are the classes of each GT mask (docs/algorithm.md §2.1, WeCLIP's rule).
 
 With `--train` the WeCLIP decoder joins the table (the quality study). A train world (`--train-images`, the
 demo's seed) is extracted once into an 8-view cache (`max(--views)`), and the decoder is trained with the preset's

@@ -1,6 +1,6 @@
 """Typed configuration: every default of the project lives here, once.
 
-Defaults follow the authors' released code (ALGORITHM.md); where the paper differs,
+Defaults follow the authors' released code (docs/algorithm.md); where the paper differs,
 the paper's variant is an option and the docstring of the field says so. Presets (`voc`, `coco`,
 `shapes`) are data: a dict of overrides per section, applied by `preset(name)`.
 
@@ -28,7 +28,7 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 CLIP_MEAN = tuple(255.0 * v for v in (0.48145466, 0.4578275, 0.40821073))  # CLIP-ES
 CLIP_STD = tuple(255.0 * v for v in (0.26862954, 0.26130258, 0.27577711))
 IGNORE_INDEX = 255
-CAFFE_BGR_MEAN = (104.008, 116.669, 122.675)  # CLIP-ES CRF image quirk (eval_cam_with_crf.py, ALGORITHM.md §5.3)
+CAFFE_BGR_MEAN = (104.008, 116.669, 122.675)  # CLIP-ES CRF image quirk (eval_cam_with_crf.py, docs/algorithm.md §5.3)
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ class TextConfig(Section):
 
 @dataclass(frozen=True)
 class AugConfig(Section):
-    """One training view: random rescale, h-flip, crop with zero padding (ALGORITHM.md §7.1)."""
+    """One training view: random rescale, h-flip, crop with zero padding (docs/algorithm.md §7.1)."""
     crop: PosInt = 320
     scale_range: Annotated[tuple[PosFloat, PosFloat], LOW_HIGH] = (0.5, 2.0)
     flip_prob: Fraction = 0.5
@@ -174,7 +174,7 @@ class AugConfig(Section):
 
 @dataclass(frozen=True)
 class ManifestConfig(Section):
-    """Building a dataset manifest (DESIGN.md §3.1, ALGORITHM.md §2); used by stages/manifest.py.
+    """Building a dataset manifest (docs/design.md §3.1, docs/algorithm.md §2); used by stages/manifest.py.
 
     Only the settings every format shares: each format's default split and label source live in its entry of
     pipeline/data/registry.py."""
@@ -184,7 +184,7 @@ class ManifestConfig(Section):
 
 @dataclass(frozen=True)
 class RefineConfig(Section):
-    """CAA (static) and RFM (dynamic) refinement, ALGORITHM.md §5.2 and §6.4."""
+    """CAA (static) and RFM (dynamic) refinement, docs/algorithm.md §5.2 and §6.4."""
     sinkhorn_rounds: PosInt = 3
     box_threshold: Fraction = 0.4  # lambda: 0.4 VOC, 0.7 COCO
     box_mode: Literal["released", "fixed"] = "released"  # released: half-open box slice (last row/col never a source)
@@ -216,7 +216,7 @@ class ExtractConfig(Section):
     attn_layers: Blocks = tuple(range(5, 13))
     cpus_per_task: NonNegFloat = 1.0  # Ray: CPUs reserved per shard task (torch uses that many threads in it)
     gpus_per_task: NonNegFloat = 1.0  # Ray: GPUs per shard task when the cluster has GPUs (the task then runs on cuda)
-    max_retries: NonNegInt = 3  # Ray: re-runs of a shard task whose worker died (idempotent shard writes, DESIGN.md §3.3)
+    max_retries: NonNegInt = 3  # Ray: re-runs of a shard task whose worker died (idempotent shard writes, docs/design.md §3.3)
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ class TrainConfig(Section):
     lr: PosFloat = 2e-3
     weight_decay: NonNegFloat = 0.01  # paper: 1e-3
     warmup_iters: NonNegInt = 50
-    warmup_ratio: Fraction = 1e-6  # warm-up starts at lr * warmup_ratio (utils/optimizer.py, ALGORITHM.md §7.3)
+    warmup_ratio: Fraction = 1e-6  # warm-up starts at lr * warmup_ratio (utils/optimizer.py, docs/algorithm.md §7.3)
     poly_power: NonNegFloat = 1.0  # 0: constant lr after the warm-up
     adam_betas: tuple[Beta, Beta] = (0.9, 0.999)
     adam_eps: PosFloat = 1e-8
@@ -291,7 +291,7 @@ class EvalConfig(Section):
 
 @dataclass(frozen=True)
 class DemoConfig(Section):
-    """`weclip demo`: the embedded shapes world end to end (DESIGN.md §5). `quick` is the CI-sized run."""
+    """`weclip demo`: the embedded shapes world end to end (docs/design.md §5). `quick` is the CI-sized run."""
     train_images: PosInt = 400
     val_images: PosInt = 100
     seed: NonNegInt = 7

@@ -1,4 +1,4 @@
-"""Streaming confusion matrix and mIoU (ALGORITHM.md §5.3, §8.1 step 7); image-level presence mAP.
+"""Streaming confusion matrix and mIoU (docs/algorithm.md §5.3, §8.1 step 7); image-level presence mAP.
 
 Rows are ground truth, columns predictions. Pixels whose GT is `ignore_index` (255) are skipped.
 IoU_c = TP / (TP + FP + FN); mIoU is the mean over the classes that have GT pixels (the released

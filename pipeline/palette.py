@@ -1,7 +1,7 @@
 """The PASCAL VOC colour map and label PNGs that carry it.
 
 Prediction and pseudo-mask PNGs are single-channel palette images (mode P): the pixel values are the class
-indices (0 = background, c + 1 = class c, 255 = ignore, ALGORITHM.md §2.1), the palette only colours them, so
+indices (0 = background, c + 1 = class c, 255 = ignore, docs/algorithm.md §2.1), the palette only colours them, so
 the files read back as label maps with `pipeline.data.images.load_mask` and show in colour in any viewer.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stage `demo`: the whole product on the embedded shapes world, on a laptop CPU (DESIGN.md §5).
+"""Stage `demo`: the whole product on the embedded shapes world, on a laptop CPU (docs/design.md §5).
 
 generate train + val sets → manifests → extract the cache (Ray or inline) → train the decoder from the cache →
 evaluate on val (msc + flip, with and without DenseCRF) and CLIP-ES pseudo masks on val → one mIoU table.

@@ -1,6 +1,6 @@
 """Stage `evaluate`: a trained decoder with the frozen backbone online, multi-scale + flip, optional DenseCRF, mIoU.
 
-For every manifest image (ALGORITHM.md §8.1): the image normalised with the checkpoint's statistics → msc + flip
+For every manifest image (docs/algorithm.md §8.1): the image normalised with the checkpoint's statistics → msc + flip
 logits (long side 512, scales 1.0 / 0.75, h-flip) → argmax, or with `crf` softmax → DenseCRF with WeCLIP's
 parameters on the RGB image (§8.1 step 6), in the counted process pool of `pipeline.inference.crf_pool` → confusion
 matrix against the GT mask (255 ignored, mean over classes with GT pixels, §5.3) → `report.json` + `report.md`;

@@ -1,10 +1,10 @@
-"""Stage `extract`: run the frozen CLIP once per planned training view and store the feature cache (DESIGN.md §3).
+"""Stage `extract`: run the frozen CLIP once per planned training view and store the feature cache (docs/design.md §3).
 
 The driver reads the manifest, builds the plan (pipeline/extract/plan.py), loads the backbone once to learn its
 identity and shapes, fingerprints the run, creates (or reopens, to resume) the cache, and then runs every shard
 that has no commit record yet — in this process (`executor="inline"`) or as Ray tasks (`executor="ray"`). Each Ray
 worker process loads the model once and reuses it for all its shards; a task whose worker dies is retried
-(`extract.max_retries`), which is safe because shard writes are idempotent and committed last (DESIGN.md §3.3).
+(`extract.max_retries`), which is safe because shard writes are idempotent and committed last (docs/design.md §3.3).
 Finally the Parquet index is rebuilt from the commit records.
 """
 from __future__ import annotations
@@ -100,7 +100,7 @@ def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Execu
     backbone = load_backbone(cfg.model, device, configs)
     fingerprint, spec = cache_layout(cfg, plan, backbone)
     root = _cache_root(out)
-    writer = CacheWriter.create_or_open(root, spec, fingerprint)  # once, before any worker (DESIGN.md §3.3)
+    writer = CacheWriter.create_or_open(root, spec, fingerprint)  # once, before any worker (docs/design.md §3.3)
     committed = writer.committed()
     tasks = [plan.task(s) for s in range(plan.n_shards) if s not in committed]
     job = ExtractJob(cfg=cfg, out=root, spec=spec, fingerprint=fingerprint, model_configs=configs, device=device)

@@ -1,7 +1,7 @@
 """Stage `infer`: segment a folder of images (no masks) with a trained checkpoint.
 
 The same inference as `weclip evaluate` (multi-scale + flip, optional DenseCRF in the checked process pool,
-ALGORITHM.md §8.1), written as VOC-palette PNGs mirroring the folder's layout (`<out>/<relative path>.png`), with
+docs/algorithm.md §8.1), written as VOC-palette PNGs mirroring the folder's layout (`<out>/<relative path>.png`), with
 optional overlays (`<out>/overlays/...`). An image that cannot be decoded, or that is too small for one patch at an
 inference scale (a 4×3000 strip), is listed in `<out>/failures.jsonl` and in the summary, and every other image is
 still written.

@@ -1,7 +1,7 @@
 """Stage `manifest`: list a dataset, validate every file, write the Parquet manifest and its rejects file.
 
 The formats are the layouts of `pipeline/data/registry.py` (voc, coco, folder, shapes); this stage looks the
-format up there, so a new dataset needs no change here. DESIGN.md §3.1.
+format up there, so a new dataset needs no change here. docs/design.md §3.1.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Stage `pseudo`: pseudo masks for a training manifest, the input of a fully supervised second stage.
 
 Two sources:
-* `clip-es` (CLIP-ES, ALGORITHM.md §5): per image, bicubic resize up to a multiple of the patch size and CLIP
+* `clip-es` (CLIP-ES, docs/algorithm.md §5): per image, bicubic resize up to a multiple of the patch size and CLIP
   normalisation (`eval.clipes_normalisation`; the shapes preset uses its model's) (§5.1) → Softmax-Grad-CAM of the
   image's classes on the whole image (§4) → CAA: static attention refinement with box masks (§5.2) → bilinear to the
   original size → [bg = (1 − max)^1, CAMs] → DenseCRF with CLIP-ES's parameters (§5.3) → CGL as coded: pixels whose

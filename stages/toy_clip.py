@@ -1,4 +1,4 @@
-"""`weclip toy-clip`: train the embedded tiny CLIP ('weclip-tiny') on the shapes world and ship it (DESIGN.md §5).
+"""`weclip toy-clip`: train the embedded tiny CLIP ('weclip-tiny') on the shapes world and ship it (docs/design.md §5).
 
 The recipe and the reasons for it are `pipeline.model.toy_clip`. This stage trains it (resumable, in pieces with
 `stop_at`), writes the float16 checkpoint and, next to it, its record: the recipe, the `weclip toy-clip` command

@@ -1,4 +1,4 @@
-"""Stage `train`: WeCLIP's decoder with RFM + PAR pseudo labels, from the feature cache or online (DESIGN.md §3.4).
+"""Stage `train`: WeCLIP's decoder with RFM + PAR pseudo labels, from the feature cache or online (docs/design.md §3.4).
 
 Composes `pipeline.training`: a Source (cache or online), the data order of `schedule`, one `train_step` per
 global step, and the run state of `state` (atomic checkpoints every `train.checkpoint_every` steps, exact resume,

@@ -29,9 +29,11 @@ def test_a_user_error_is_one_line_and_exit_code_2(tmp_path, capsys):
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
-    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
     with pytest.raises(CheckpointError, match="missing.pt does not exist"):
         cli.main(["--debug", *evaluate_args(tmp_path)])
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(CheckpointError, match="missing.pt does not exist"):
+        cli.main(evaluate_args(tmp_path))
 
 
 def test_an_unexpected_exception_is_not_dressed_as_a_user_error(tmp_path, monkeypatch):
@@ -51,3 +53,14 @@ def test_the_console_entry_point_exits_2_without_traceback(tmp_path):
                            capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
     assert child.returncode == 2, child.stderr
     assert child.stderr.startswith("error: ") and child.stderr.count("\n") == 1
+
+
+def test_a_bad_setting_fails_before_any_work(tmp_path, capsys):
+    """`--set` values are checked when the config is built: nothing is read or written first."""
+    for bad, named in (("refine.rfm_filter=absx", "refine.rfm_filter = 'absx' is not one of 'signed', 'abs'"),
+                       ("train.iterations=abc", "train.iterations = 'abc' must be an int")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["train", "--cache", str(tmp_path / "no-cache"), "-o", str(tmp_path / "run"), "--set", bad])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == f"error: {named}\n"
+        assert not (tmp_path / "run").exists()

@@ -1,7 +1,7 @@
 """Cache fingerprints: everything that determines what the extract stage writes, plus a stable digest.
 
 A fingerprint is a plain JSON-able dict. Two caches hold the same content exactly when their digests match;
-the compressor and the shard size change only the layout and live in `CacheSpec` instead (DESIGN.md §3.2).
+the compressor and the shard size change only the layout and live in `CacheSpec` instead (docs/design.md §3.2).
 """
 from __future__ import annotations
 

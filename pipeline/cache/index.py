@@ -1,4 +1,4 @@
-"""Shard commit records and the Parquet tables rebuilt from them (DESIGN.md §3.2, §3.3).
+"""Shard commit records and the Parquet tables rebuilt from them (docs/design.md §3.2, §3.3).
 
 A commit record is the only proof that a shard is complete: it is written last, in one atomic step, and
 carries the shard's sample rows, skipped images, per-array checksums and on-disk sizes. The three tables

@@ -1,4 +1,4 @@
-"""The feature cache schema, in one place (DESIGN.md §3.2).
+"""The feature cache schema, in one place (docs/design.md §3.2).
 
 A cache is one Zarr v3 group. Each stored quantity is one array whose leading axis is the global sample
 position (`row`); chunk = one sample, shard = one work unit of `samples_per_shard` consecutive rows, so a

@@ -1,4 +1,4 @@
-"""Feature cache writer and reader over one Zarr v3 store (DESIGN.md §3.2, §3.3).
+"""Feature cache writer and reader over one Zarr v3 store (docs/design.md §3.2, §3.3).
 
 Exactly-once shard commits. A shard's name comes from the plan (`shard_index`), never from the worker.
 `write_shard` (1) deletes the shard's commit record if one exists, (2) deletes and rewrites the shard's file

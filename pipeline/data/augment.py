@@ -1,4 +1,4 @@
-"""One training view of an image, as WeCLIP's training loader makes it (ALGORITHM.md §7.1).
+"""One training view of an image, as WeCLIP's training loader makes it (docs/algorithm.md §7.1).
 
 1. random rescale: one ratio r ~ U(0.5, 2.0) for both sides, PIL bilinear, size int(r·W) × int(r·H);
 2. horizontal flip with p = 0.5;
@@ -69,7 +69,7 @@ def view_rng(seed: int, image_id: str, view: int) -> np.random.Generator:
 
 
 def draw_view(seed: int, image_id: str, view: int, height: int, width: int, cfg: AugConfig) -> ViewParams:
-    """Draw the parameters of view `view` of an image of size height×width (ALGORITHM.md §7.1)."""
+    """Draw the parameters of view `view` of an image of size height×width (docs/algorithm.md §7.1)."""
     rng = view_rng(seed, image_id, view)
     lo, hi = cfg.scale_range
     scale = float(rng.uniform(lo, hi))
@@ -114,7 +114,7 @@ def _pad_and_crop(resized: np.ndarray, params: ViewParams, fill: int | bool) -> 
 def normalise(images: torch.Tensor, mode: Literal["imagenet", "clip"]) -> torch.Tensor:
     """uint8 (…)×3×H×W in 0..255 -> float32 (x − mean)/std with the 0..255-scale statistics.
 
-    WeCLIP uses ImageNet statistics, CLIP-ES CLIP's (ALGORITHM.md §0.1 item 5).
+    WeCLIP uses ImageNet statistics, CLIP-ES CLIP's (docs/algorithm.md §0.1 item 5).
     """
     try:
         mean, std = _STATS[mode]

@@ -1,6 +1,6 @@
 """MS COCO 2014 reader: image-level labels from `instances_<split>2014.json` or from VOC-style PNG masks.
 
-Layouts (ALGORITHM.md §2.2), the first existing image folder wins:
+Layouts (docs/algorithm.md §2.2), the first existing image folder wins:
     WeCLIP:   <root>/JPEGImages/<split>/COCO_<split>2014_<12 digits>.jpg
     official: <root>/<split>2014/COCO_<split>2014_<12 digits>.jpg
     masks:    <root>/SegmentationClass/<split>/<12 digits>.png   (0 = bg, k = class k-1, 255 = ignore)

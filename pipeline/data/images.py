@@ -1,7 +1,7 @@
 """Robust image and mask decoding: every file becomes 8-bit RGB (images) or an 8-bit index map (masks).
 
 PIL identifies the format from the file's content, not its name, so a PNG saved as `.jpg` decodes
-correctly. Colour modes are converted to RGB the way WeCLIP's loaders end up (ALGORITHM.md §2.2:
+correctly. Colour modes are converted to RGB the way WeCLIP's loaders end up (docs/algorithm.md §2.2:
 grayscale is replicated to three channels); alpha is dropped; 16-bit grayscale is scaled to 8 bits
 instead of being clipped (PIL's own conversion saturates every value above 255). EXIF orientation
 is deliberately NOT applied: the ground-truth masks are aligned with the stored pixel grid.

@@ -1,4 +1,4 @@
-"""The dataset manifest (DESIGN.md §3.1): candidate rows from a reader, validation, Parquet I/O, rejects.
+"""The dataset manifest (docs/design.md §3.1): candidate rows from a reader, validation, Parquet I/O, rejects.
 
 A reader (voc.py, coco.py, folder.py) lists `Candidate`s and the rejects it can already decide
 (unknown class names, missing XML). `validate` then checks every candidate on disk in a thread pool
@@ -127,7 +127,7 @@ def read_id_list(path: Path) -> list[str]:
 def mask_labels(mask: np.ndarray) -> tuple[int, ...]:
     """0-based foreground ids present in an index mask: sorted unique values minus 1, without 0 and 255.
 
-    Equivalent to WeCLIP's uint8 trick (ALGORITHM.md §2.1: `unique - 1`, drop 255 and 254), which
+    Equivalent to WeCLIP's uint8 trick (docs/algorithm.md §2.1: `unique - 1`, drop 255 and 254), which
     removes exactly the background (0) and ignore (255) values.
     """
     values = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))  # sorted unique, without a sort

@@ -1,4 +1,4 @@
-"""The dataset layouts `weclip manifest` reads, as data: one `Layout` per format (DESIGN.md §3.1).
+"""The dataset layouts `weclip manifest` reads, as data: one `Layout` per format (docs/design.md §3.1).
 
 A layout says how to list a dataset (its reader), what it defaults to (class set, split, label source), which
 optional inputs it reads and which of them it cannot do without, and the config preset that trains on it. A new
@@ -85,7 +85,7 @@ def _read_folder(q: Inputs) -> Listing:
 
 
 _LAYOUTS = (
-    # WeCLIP trains VOC on train_aug (10,582 ids, ALGORITHM.md §7.1); labels: WeCLIP's GT-PNG values, or CLIP-ES's XML
+    # WeCLIP trains VOC on train_aug (10,582 ids, docs/algorithm.md §7.1); labels: WeCLIP's GT-PNG values, or CLIP-ES's XML
     Layout("voc", _read_voc, split="train_aug", class_set="voc", labels_from=voc.LABEL_SOURCES,
            options=("list_file",), preset="voc"),
     # COCO train2014; labels: WeCLIP's SegmentationClass PNGs, or the instances json

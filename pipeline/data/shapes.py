@@ -1,4 +1,4 @@
-"""The embedded "shapes" world: a procedural segmentation set with exact masks (DESIGN.md §5).
+"""The embedded "shapes" world: a procedural segmentation set with exact masks (docs/design.md §5).
 
 Each image is a textured background (one of `SHAPES_BACKGROUND` in `pipeline/model/text.py`: sky, grass, water,
 sand, bricks, road) with 1–3 objects of the six `SHAPES_CLASSES` (ball, star, box, triangle, ring, heart).
@@ -76,7 +76,7 @@ def describe(labels: tuple[int, ...] | list[int], background: int | None) -> str
     """The phrase naming the given objects (in the given order) and optionally the background.
 
     Uses the shapes class set's prompt names, so `template.format(describe((c,), None))` is exactly the class
-    prompt the CAM uses (ALGORITHM.md §3.3): e.g. "a ball and a star on grass".
+    prompt the CAM uses (docs/algorithm.md §3.3): e.g. "a ball and a star on grass".
     """
     names = class_set("shapes")
     objects = [names.prompt_names[c] for c in labels]

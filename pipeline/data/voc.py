@@ -5,7 +5,7 @@
     <root>/Annotations/<id>.xml
     <root>/ImageSets/Segmentation/<split>.txt  (or ImageSets/SegmentationAug/, or <root>/<split>.txt, or any list file)
 
-Labels (ALGORITHM.md §2.1): `labels_from="mask"` (default, WeCLIP's released code) takes the unique
+Labels (docs/algorithm.md §2.1): `labels_from="mask"` (default, WeCLIP's released code) takes the unique
 values of the whole-image GT PNG; `labels_from="xml"` (CLIP-ES) takes every `<object><name>`.
 Either way the manifest stores them unique and ascending (CLIP-ES keeps XML order; order does not
 change a CAM).

@@ -1,4 +1,4 @@
-"""The plan of `weclip extract`: which samples exist and which shard holds each (DESIGN.md §3.2, §3.3).
+"""The plan of `weclip extract`: which samples exist and which shard holds each (docs/design.md §3.2, §3.3).
 
 Images of the manifest (manifest order) × `views` views; sample `row = image_index · views + view`; shard `s` holds
 rows `[s · samples_per_shard, (s + 1) · samples_per_shard)`. The plan depends only on the manifest and the config,
@@ -92,7 +92,7 @@ def make_plan(manifest: Manifest, cfg: ExtractConfig, limit: int | None = None) 
 
 
 def check_layers(cfg: ExtractConfig, backbone: Backbone) -> None:
-    """Stored layers are absolute 1-based blocks (DESIGN.md §3.2); refuse ones the model does not have."""
+    """Stored layers are absolute 1-based blocks (docs/design.md §3.2); refuse ones the model does not have."""
     n = backbone.num_blocks
     for name in ("feature_layers", "attn_layers"):
         layers = getattr(cfg, name)
@@ -103,7 +103,7 @@ def check_layers(cfg: ExtractConfig, backbone: Backbone) -> None:
 
 
 def crop_grid(crop: int, patch_size: int) -> tuple[int, int]:
-    """Patch grid of a crop; the crop must be a multiple of the patch size (ALGORITHM.md §1: 320 → 20×20)."""
+    """Patch grid of a crop; the crop must be a multiple of the patch size (docs/algorithm.md §1: 320 → 20×20)."""
     if crop % patch_size:
         raise BackboneError(f"aug.crop = {crop} is not a multiple of the model's patch size {patch_size}")
     return crop // patch_size, crop // patch_size
@@ -127,7 +127,7 @@ def cache_fingerprint(cfg: Config, plan: ExtractPlan, backbone: Backbone) -> dic
 
 
 def cache_layout(cfg: Config, plan: ExtractPlan, backbone: Backbone) -> tuple[dict[str, Any], CacheSpec]:
-    """Fingerprint and spec of the cache of a plan (DESIGN.md §3.2)."""
+    """Fingerprint and spec of the cache of a plan (docs/design.md §3.2)."""
     fingerprint = cache_fingerprint(cfg, plan, backbone)
     grid = crop_grid(cfg.aug.crop, backbone.patch_size)
     spec = CacheSpec(total_samples=plan.total_samples, samples_per_shard=plan.samples_per_shard,

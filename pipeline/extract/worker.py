@@ -2,7 +2,7 @@
 loop; Ray itself lives in stages/extract.py).
 
 Decode each image (a missing / empty / corrupt file becomes a recorded skip), draw its views from (seed, image_id,
-view) (ALGORITHM.md §7.1), crop, normalise, run `softmax_gradcam` in batches, convert to the cache dtype and hand
+view) (docs/algorithm.md §7.1), crop, normalise, run `softmax_gradcam` in batches, convert to the cache dtype and hand
 everything to `CacheWriter.write_shard`, which commits last. A worker process loads the frozen model once
 (`pipeline.model.backbone.load_backbone`) and reuses it for every shard it runs.
 """

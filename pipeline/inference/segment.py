@@ -1,7 +1,7 @@
 """Inference maths: WeCLIP's multi-scale + flip logits, and the CAM maps of CLIP-ES pseudo masks and visualisations.
 
 Tensors in, tensors out; no files, no processes (the stages do that). Section numbers refer to
-`shared/ALGORITHM.md`.
+`docs/algorithm.md`.
 
 Sizes that are not multiples of the patch size: the released model's patch embedding is a stride-16 conv without
 padding, which never reads the last H mod 16 rows and W mod 16 columns, and its positional table is resized to

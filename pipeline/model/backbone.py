@@ -1,9 +1,9 @@
 """Frozen open_clip ViT: loading, per-forward positional-embedding resize, per-block tokens and attention.
 
-The released code (ALGORITHM.md §3.2) runs blocks 1..n-1 once under `no_grad`, collecting every block output and its
+The released code (docs/algorithm.md §3.2) runs blocks 1..n-1 once under `no_grad`, collecting every block output and its
 head-averaged attention, and re-runs block n with grad for Grad-CAM. open_clip's blocks call
 `nn.MultiheadAttention(need_weights=False)`, so the attention maps are not available from them: this module has its own
-block forward that uses each block's weights (ALGORITHM.md §13) and gives the same output as the block.
+block forward that uses each block's weights (docs/algorithm.md §13) and gives the same output as the block.
 
 Nothing here ever downloads for a local path: a path is read by us; only an open_clip tag (e.g. 'openai') goes through
 open_clip's fetcher.
@@ -157,7 +157,7 @@ def _tokenizer(name: str) -> Callable[[list[str]], torch.Tensor]:
 def resize_pos_embed(pos: torch.Tensor, trained_grid: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
     """(1+G)×D table → (1+h·w)×D: patch rows resized bilinearly (align_corners=False, no antialias), CLS row kept.
 
-    ALGORITHM.md §3.2 step 1 (re-interpolated on every forward). The native grid returns the table unchanged.
+    docs/algorithm.md §3.2 step 1 (re-interpolated on every forward). The native grid returns the table unchanged.
     """
     if tuple(grid) == tuple(trained_grid):
         return pos
@@ -171,8 +171,8 @@ def self_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.
     """Multi-head self-attention with the weights of `attn` on batch-first x (B×L×D).
 
     Returns (output B×L×D, softmax attention averaged over heads B×L×L fp32). QKᵀ, the softmax and the weighted
-    sum run in fp32 whatever the autocast dtype (WeCLIP's myAtt, ALGORITHM.md §3.1); the projections follow autocast.
-    The map is the sum over heads / heads (ALGORITHM.md §3.1). Layout does not depend on `attn.batch_first`: only
+    sum run in fp32 whatever the autocast dtype (WeCLIP's myAtt, docs/algorithm.md §3.1); the projections follow autocast.
+    The map is the sum over heads / heads (docs/algorithm.md §3.1). Layout does not depend on `attn.batch_first`: only
     the weights are used.
     """
     batch, length, width = x.shape
@@ -239,7 +239,7 @@ class FrozenCLIP(nn.Module):
     def load(cls, name: str, pretrained: str | None = None, device: str | torch.device = "cpu",
              precision: Precision = "fp32") -> "FrozenCLIP":
         """Build `name` (open_clip or `pipeline/model_configs/` config) with weights from an open_clip tag
-        ('openai' for ViT-B-16-quickgelu, ALGORITHM.md §13), a local checkpoint file, or None (random init)."""
+        ('openai' for ViT-B-16-quickgelu, docs/algorithm.md §13), a local checkpoint file, or None (random init)."""
         register_model_configs()
         if name not in open_clip.list_models():
             raise BackboneError(f"unknown model {name!r}: not an open_clip config nor a JSON in {MODEL_CONFIG_DIR}")
@@ -298,10 +298,10 @@ class FrozenCLIP(nn.Module):
         return height // p, width // p
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
-        """conv1 → flatten → prepend CLS → add resized pos-emb → ln_pre (ALGORITHM.md §3.2 step 2).
+        """conv1 → flatten → prepend CLS → add resized pos-emb → ln_pre (docs/algorithm.md §3.2 step 2).
 
         The residual stream is kept in fp32 under autocast (only the matmuls follow the autocast dtype), so block
-        outputs, u and its gradient are fp32 whatever the precision (ALGORITHM.md §13: keep CAM maths in fp32).
+        outputs, u and its gradient are fp32 whatever the precision (docs/algorithm.md §13: keep CAM maths in fp32).
         """
         visual = self.model.visual
         x = visual.conv1(images.to(self.device, visual.conv1.weight.dtype)).float().flatten(2).transpose(1, 2)
@@ -312,7 +312,7 @@ class FrozenCLIP(nn.Module):
     @torch.no_grad()
     def forward_frozen(self, images: torch.Tensor, token_layers: Sequence[int] | None = None,
                        attn_layers: Sequence[int] | None = None) -> FrozenFeatures:
-        """Blocks 1..n-1 without grad (ALGORITHM.md §3.2 step 3) on normalised images B×3×H×W.
+        """Blocks 1..n-1 without grad (docs/algorithm.md §3.2 step 3) on normalised images B×3×H×W.
 
         `token_layers` / `attn_layers` (1-based, ≤ n-1) select what is kept; None keeps all n-1.
         """
@@ -336,7 +336,7 @@ class FrozenCLIP(nn.Module):
                               last=x, grid=grid, token_layers=token_layers, attn_layers=attn_layers)
 
     def last_block(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Block n with grad (ALGORITHM.md §3.2 step 5, §4.1) on x = block n-1 output.
+        """Block n with grad (docs/algorithm.md §3.2 step 5, §4 step 1) on x = block n-1 output.
 
         Returns (u, tokens_out, attn_out): u = ln_1(x) as a fresh leaf requiring grad — the Grad-CAM layer —,
         the block output (a function of u and the constant x, so ∂/∂u is the gradient the released code's hook
@@ -352,7 +352,7 @@ class FrozenCLIP(nn.Module):
 
     def pooled_embedding(self, tokens_out: torch.Tensor) -> torch.Tensor:
         """ln_post on all tokens → mean over patch tokens (CLS excluded) → @ proj → L2-normalise, fp32
-        (ALGORITHM.md §3.2 step 5; [PC]: the patch mean instead of CLS)."""
+        (docs/algorithm.md §3.2 step 5; [PC]: the patch mean instead of CLS)."""
         visual = self.model.visual
         with self._autocast():
             pooled = visual.ln_post(tokens_out)[:, 1:].mean(dim=1) @ visual.proj
@@ -368,7 +368,7 @@ class FrozenCLIP(nn.Module):
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """Tokenise with the model's tokenizer, encode, L2-normalise: len(texts)×E fp32 (ALGORITHM.md §3.3)."""
+        """Tokenise with the model's tokenizer, encode, L2-normalise: len(texts)×E fp32 (docs/algorithm.md §3.3)."""
         tokens = _tokenizer(self.name)(list(texts)).to(self.device)
         with self._autocast():
             emb = self.model.encode_text(tokens)

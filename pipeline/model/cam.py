@@ -1,4 +1,4 @@
-"""Softmax-Grad-CAM (CLIP-ES / WeCLIP, ALGORITHM.md §4), batched over images and classes.
+"""Softmax-Grad-CAM (CLIP-ES / WeCLIP, docs/algorithm.md §4), batched over images and classes.
 
 The released code makes one Grad-CAM call per image and present class, each re-running the last block. Here the
 frozen blocks run once for the batch, the last block once with grad, and the per-class gradients come from one
@@ -18,13 +18,13 @@ from pipeline.model.backbone import FrozenFeatures
 from pipeline.model.protocol import CLIPBackbone
 from pipeline.model.text import TextEmbeddings
 
-# `scale_cam_image` of pytorch_grad_cam: (x - min) / (max + 1e-7), ALGORITHM.md §4 step 4.
+# `scale_cam_image` of pytorch_grad_cam: (x - min) / (max + 1e-7), docs/algorithm.md §4 step 4.
 CAM_EPS = 1e-7
 
 
 @dataclass
 class CamBatch:
-    """What the extract stage stores per view (DESIGN.md §3.2), for a batch of B images on an h×w grid (N = h·w).
+    """What the extract stage stores per view (docs/design.md §3.2), for a batch of B images on an h×w grid (N = h·w).
 
     features: B×F×N×D patch tokens of the requested 1-based blocks; attn: B×A×N×N patch-to-patch head-averaged
     attention (CLS row and column dropped); cams: B×K_max×h×w fp32 in [0, 1]; cam_classes: B×K_max int64 class id
@@ -40,7 +40,7 @@ class CamBatch:
 def cam_from_gradient(activations: torch.Tensor, gradients: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Grad-CAM on patch tokens (...×N×D each, CLS already dropped) → ...×h×w fp32 in [0, 1].
 
-    ALGORITHM.md §4 steps 3–4: w = mean over patches of the gradient; CAM = Σ_k w_k·U_k; ReLU; subtract the min;
+    docs/algorithm.md §4 steps 3–4: w = mean over patches of the gradient; CAM = Σ_k w_k·U_k; ReLU; subtract the min;
     divide by (max + 1e-7).
     """
     activations, gradients = activations.float(), gradients.float()
@@ -102,7 +102,7 @@ def _frozen_request(backbone: CLIPBackbone, images: torch.Tensor, feature_layers
 
 def _padded_text_sets(text: TextEmbeddings, labels: Sequence[Sequence[int]], k_max: int, device: torch.device
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image text sets (ALGORITHM.md §3.3) padded to K_max fg slots: B×(K_max+M)×E and a validity mask.
+    """Per-image text sets (docs/algorithm.md §3.3) padded to K_max fg slots: B×(K_max+M)×E and a validity mask.
 
     Slot j < K_b holds image b's j-th present class, slots K_max.. the M background prompts; padded fg slots are
     masked out of the softmax, so each row's softmax is the one over its own K_b + M entries.
@@ -134,7 +134,7 @@ def softmax_gradcam(backbone: CLIPBackbone, images: torch.Tensor, labels: Sequen
     labels: per image, ascending 0-based fg class ids (at least one). feature_layers / attn_layers: 1-based blocks
     to return (block n allowed). k_max: CAM slots per image (default: the largest label count in the batch).
     Target of slot j: softmax over [present classes + all background prompts] of logit_scale·cos
-    (ALGORITHM.md §3.2 step 6, §4); CAM layer: ln_1 output of the last block (§4 step 1).
+    (docs/algorithm.md §3.2 step 6, §4); CAM layer: ln_1 output of the last block (§4 step 1).
     """
     slots = _check_request(backbone, images, labels, text, feature_layers, attn_layers, k_max)
     frozen = _frozen_request(backbone, images, feature_layers, attn_layers)
@@ -164,7 +164,7 @@ def softmax_gradcam(backbone: CLIPBackbone, images: torch.Tensor, labels: Sequen
 def softmax_gradcam_loop(backbone: CLIPBackbone, images: torch.Tensor, labels: Sequence[Sequence[int]],
                          text: TextEmbeddings, feature_layers: Sequence[int], attn_layers: Sequence[int],
                          k_max: int | None = None, full_pass: bool = False) -> CamBatch:
-    """Reference: the released code's way (ALGORITHM.md §4). Per image, the frozen blocks once; per present class,
+    """Reference: the released code's way (docs/algorithm.md §4). Per image, the frozen blocks once; per present class,
     a separate forward of the last block and a backward, reading ∂s_c/∂U from the leaf's `.grad` as the hook does.
     The last block's attention is taken from the first class's call (§4 step 6). Same outputs as `softmax_gradcam`.
     full_pass=True re-runs the frozen blocks for every (image, class) too: the naive one-full-pass-per-target

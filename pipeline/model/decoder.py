@@ -1,4 +1,4 @@
-"""WeCLIP's trainable part: fusion head, transformer decoder and affinity map (ALGORITHM.md §6.1–6.3).
+"""WeCLIP's trainable part: fusion head, transformer decoder and affinity map (docs/algorithm.md §6.1–6.3).
 
 Input is the feature cache's `features` array: B×L×N×D patch tokens of the frozen backbone's blocks
 (CLS dropped, blocks in order, N = h·w row-major). With the released settings (L=11, D=768, 21 classes)

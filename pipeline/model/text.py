@@ -2,7 +2,7 @@
 
 A *class set* is the data a dataset needs on the text side: the canonical class names (what reports
 print), the names put into prompts (synonyms comma-joined, as `clip_text.py` does), and the background
-prompts appended to every image's text set (ALGORITHM.md §3.3).
+prompts appended to every image's text set (docs/algorithm.md §3.3).
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ COCO_SYNONYMS = {
 COCO_BACKGROUND = tuple(n for n in VOC_BACKGROUND if n not in ("keyboard", "sign"))
 
 
-# The embedded "shapes" world (pipeline/data/shapes.py draws them; DESIGN.md §5). Prompt names carry the article
+# The embedded "shapes" world (pipeline/data/shapes.py draws them; docs/design.md §5). Prompt names carry the article
 # so that one template serves objects and backgrounds: "a photo of a ball." / "a photo of grass.".
 SHAPES_CLASSES = ("ball", "star", "box", "triangle", "ring", "heart")
 SHAPES_BACKGROUND = ("sky", "grass", "water", "sand", "bricks", "road")
@@ -117,7 +117,7 @@ _EMBEDDING_CACHE: dict[tuple, TextEmbeddings] = {}
 def text_embeddings(backbone, classes: ClassSet, template: str) -> TextEmbeddings:
     """Prompt embeddings of a class set, computed once per (model identity, prompts) and cached.
 
-    `backbone.encode_text(list[str])` returns one L2-normalised row per prompt (ALGORITHM.md §3.3: one template,
+    `backbone.encode_text(list[str])` returns one L2-normalised row per prompt (docs/algorithm.md §3.3: one template,
     so the mean over templates and the second normalisation change nothing).
     """
     fg_prompts = prompts(classes.prompt_names, template)

@@ -1,4 +1,4 @@
-"""The tiny CLIP ('weclip-tiny') recipe: captions, loss, training loop with resume, float16 checkpoint (DESIGN.md §5).
+"""The tiny CLIP ('weclip-tiny') recipe: captions, loss, training loop with resume, float16 checkpoint (docs/design.md §5).
 
 Nothing pretrained can be downloaded here, so the project trains its own small open_clip CLIP on image–caption pairs
 of `pipeline/data/shapes.py`, contrastively, on a CPU, and ships it as a float16 state dict that
@@ -12,10 +12,10 @@ Choices (the architecture is `pipeline/model_configs/weclip-tiny.json`; the rest
   ≥ 0.99 but raw-CAM mIoU 16–39, because its patch tokens at the last block's input already carry the global
   summary (background patches end up more similar to the class prompt than the object's own patches), so
   Grad-CAM lights the background; with 3 blocks the tokens stay local and raw CAMs reach ~50.
-- Input: the shapes preset's extraction input, i.e. ImageNet mean/std on the 0..255 scale (ALGORITHM.md §0.1 item 5,
+- Input: the shapes preset's extraction input, i.e. ImageNet mean/std on the 0..255 scale (docs/algorithm.md §0.1 item 5,
   `pipeline.data.augment.normalise`), 224×224. The image embedding is open_clip's `pool_type='avg'` (ln_post on all
-  tokens, mean of the patch tokens, proj): the pooling the CAM uses (ALGORITHM.md §3.2 step 5).
-- Captions teach exactly the sentences the CAM scores (ALGORITHM.md §3.3): each image gets one caption drawn from
+  tokens, mean of the patch tokens, proj): the pooling the CAM uses (docs/algorithm.md §3.2 step 5).
+- Captions teach exactly the sentences the CAM scores (docs/algorithm.md §3.3): each image gets one caption drawn from
   four kinds — every object + background ("a photo of a ball and a star on grass."), a subset of its objects with
   or without the background, one object alone ("a photo of a ball.", the class prompt), the background alone
   ("a photo of grass.", a background prompt). Objects are named in random order.

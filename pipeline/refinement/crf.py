@@ -1,4 +1,4 @@
-"""DenseCRF post-processing through pydensecrf (ALGORITHM.md §5.3, §8.1 step 6, §0.1 item 12).
+"""DenseCRF post-processing through pydensecrf (docs/algorithm.md §5.3, §8.1 step 6, §0.1 item 12).
 
 `dense_crf` is the shared core: unary = -log(clip(p, 1e-5, 1)) (`unary_from_softmax`), one Gaussian
 and one bilateral Potts term, mean-field inference. WeCLIP feeds it softmax(logits) and the RGB

@@ -1,4 +1,4 @@
-"""Pixel-adaptive refinement (PAR, from AFA; WeCLIP `WeCLIP_model/PAR.py`), ALGORITHM.md §6.6.
+"""Pixel-adaptive refinement (PAR, from AFA; WeCLIP `WeCLIP_model/PAR.py`), docs/algorithm.md §6.6.
 
 Each pixel's score vector is replaced, `num_iter` times, by a weighted sum of its 8 x len(dilations)
 dilated neighbours (centre excluded, replicate padding). The weights mix an image term (softmax over

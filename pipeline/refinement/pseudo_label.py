@@ -1,4 +1,4 @@
-"""WeCLIP's online pseudo label M_p (ALGORITHM.md §6.4–6.6), one pure function for every caller.
+"""WeCLIP's online pseudo label M_p (docs/algorithm.md §6.4–6.6), one pure function for every caller.
 
 Used by cached training, online training and the CAM evaluation, so the three can never drift apart:
 

@@ -1,7 +1,7 @@
 """CAM refinement: CLIP-ES's static CAA and WeCLIP's dynamic RFM, and CAM -> pseudo label.
 
 Pure functions on tensors, batched over leading dimensions. Section numbers refer to
-`shared/ALGORITHM.md`. The pipeline for one batch is
+`docs/algorithm.md`. The pipeline for one batch is
 
     affinity = static_affinity(attn) or rfm_affinity(attn, a_f, ...)      (B x N x N, N = h*w)
     refined  = refine_cams(cams, cam_classes, affinity, cfg)              (B x K x h x w, min-max per class)

@@ -1,4 +1,4 @@
-"""Training checkpoints (DESIGN.md §3.4): decoder, optimizer and schedule state, step, config, cache fingerprint,
+"""Training checkpoints (docs/design.md §3.4): decoder, optimizer and schedule state, step, config, cache fingerprint,
 class names and RNG states, in one file written atomically.
 
 The file is a `torch.save`d dict of plain data and tensors only (read back with `weights_only=True`, so loading a

@@ -1,4 +1,4 @@
-"""WeCLIP's training losses (ALGORITHM.md §7.2 step 3): segmentation CE and the affinity loss.
+"""WeCLIP's training losses (docs/algorithm.md §7.2 step 3): segmentation CE and the affinity loss.
 
 Total = L_seg + λ·L_aff with λ = `LossConfig.aff_weight` (0.1, [PW] Tab. 11). Defaults follow the released
 code: bg/fg-balanced CE and the AFA-style linear affinity loss on a radius-8 window; the paper's plain CE and

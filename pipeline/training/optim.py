@@ -1,4 +1,4 @@
-"""AdamW with the released poly warm-up schedule (`PolyWarmupAdamW`, ALGORITHM.md §7.3).
+"""AdamW with the released poly warm-up schedule (`PolyWarmupAdamW`, docs/algorithm.md §7.3).
 
 Schedule by global step s (from 0; the lr for the s-th optimizer step):
     s < warmup_iters:  lr0·(1 − (1 − s/warmup_iters)(1 − warmup_ratio))     linear warm-up from ≈ warmup_ratio·lr0

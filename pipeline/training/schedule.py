@@ -1,7 +1,7 @@
 """The data order of training: pure functions of the seed, the epoch / step and the sample.
 
 Every epoch visits the samples in a new order, a permutation drawn from (train.seed, epoch), `drop_last` as the
-released loader (ALGORITHM.md §7.3). With `train.train_flip` each sample is h-flipped with probability
+released loader (docs/algorithm.md §7.3). With `train.train_flip` each sample is h-flipped with probability
 `aug.flip_prob`, decided from (train.seed, step, row), consistently in every cached array. Because the data of a step
 is a function of (config, step) only, a resumed run sees exactly the batches of an uninterrupted one, and a
 distributed run can give each rank its slice of the same global batch.
@@ -22,7 +22,7 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 def batch_positions(step: int, n: int, batch_size: int, seed: int) -> tuple[int, np.ndarray]:
-    """(epoch, positions of the samples of global step `step`), `drop_last` (ALGORITHM.md §7.3)."""
+    """(epoch, positions of the samples of global step `step`), `drop_last` (docs/algorithm.md §7.3)."""
     steps_per_epoch = n // batch_size
     if steps_per_epoch < 1:
         raise TrainError(f"{n} samples cannot fill one batch of {batch_size}; lower train.batch_size or add data")
@@ -36,7 +36,7 @@ def flip_decision(seed: int, step: int, row: int, prob: float) -> bool:
 
 
 def hflip_sample(sample: dict[str, np.ndarray], grid: tuple[int, int]) -> dict[str, np.ndarray]:
-    """Mirror one cached sample left-right, consistently in every array (DESIGN.md §3.2 layouts).
+    """Mirror one cached sample left-right, consistently in every array (docs/design.md §3.2 layouts).
 
     Patch n = r·w + c becomes r·w + (w−1−c): `features` (L×N×D) permute the token axis, `attn` (L×N×N) both
     token axes; `cams` (K×h×w), `image` (3×H×W) and `valid` (H×W) reverse their last axis.

@@ -1,4 +1,4 @@
-"""One optimisation step of WeCLIP's decoder (ALGORITHM.md §7.2), the same for cached and online data:
+"""One optimisation step of WeCLIP's decoder (docs/algorithm.md §7.2), the same for cached and online data:
 
     decoder(features) -> logits P, affinity A_f
     M_p = online_pseudo_label(cams, attn, A_f, image)              (static CAA before `rfm_start_iter`, then RFM)
@@ -23,7 +23,7 @@ from pipeline.training.sources import StepBatch
 
 def train_step(decoder: WeCLIPDecoder, optimizer: torch.optim.Optimizer, scheduler: PolyWarmup, par: PAR,
                batch: StepBatch, step: int, cfg: Config) -> dict[str, Any]:
-    """One optimisation step (ALGORITHM.md §7.2) on a batch; returns the step's metrics (no timing)."""
+    """One optimisation step (docs/algorithm.md §7.2) on a batch; returns the step's metrics (no timing)."""
     decoder.train()
     lr = optimizer.param_groups[0]["lr"]
     out = decoder(batch.features, batch.grid)

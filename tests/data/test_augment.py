@@ -1,4 +1,4 @@
-"""Training-view augmentation (ALGORITHM.md §7.1): deterministic draws, exact replay, padding, flip, ranges."""
+"""Training-view augmentation (docs/algorithm.md §7.1): deterministic draws, exact replay, padding, flip, ranges."""
 from __future__ import annotations
 
 import json

@@ -18,7 +18,7 @@ from pipeline.errors import DataError, StorageError
 
 
 def uint8_trick(mask: np.ndarray) -> tuple[int, ...]:
-    """WeCLIP's rule literally (ALGORITHM.md §2.1): unique values minus 1 in uint8, drop 254 and 255."""
+    """WeCLIP's rule literally (docs/algorithm.md §2.1): unique values minus 1 in uint8, drop 254 and 255."""
     u = np.unique(mask).astype(np.uint8) - np.uint8(1)
     return tuple(int(v) for v in u if v not in (254, 255))
 

@@ -37,7 +37,7 @@ def image(seed: int = 1) -> torch.Tensor:
 
 
 def test_msc_flip_equals_a_per_view_loop():
-    """Reference written view by view, batch of one each (ALGORITHM.md §8.1)."""
+    """Reference written view by view, batch of one each (docs/algorithm.md §8.1)."""
     seg, _ = conv_seg_fn()
     x = image()
     got = msc_flip_logits(seg, x, EvalConfig())

@@ -35,7 +35,7 @@ def backbone(make_tiny_backbone) -> FrozenCLIP:
 
 def released_scale_cam(activations: np.ndarray, grads: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """pytorch_grad_cam's way, in numpy: D×h×w maps, weights = spatial mean of grads, weighted sum, ReLU,
-    then scale_cam_image: x - min, / (1e-7 + max) (ALGORITHM.md §4 steps 1-4)."""
+    then scale_cam_image: x - min, / (1e-7 + max) (docs/algorithm.md §4 steps 1-4)."""
     act = activations.T.reshape(-1, *grid)
     weights = grads.T.reshape(-1, *grid).mean(axis=(1, 2))
     cam = np.maximum((weights[:, None, None] * act).sum(axis=0), 0)

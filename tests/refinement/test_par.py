@@ -1,4 +1,4 @@
-"""Tests of pipeline/refinement/par.py against a direct per-pixel implementation of the §6.6 formula."""
+"""Tests of pipeline/refinement/par.py against a direct per-pixel implementation of the formula of docs/algorithm.md §6.6."""
 from __future__ import annotations
 
 import math

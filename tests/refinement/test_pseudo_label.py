@@ -1,4 +1,4 @@
-"""online_pseudo_label against a per-image, per-class composition written out from ALGORITHM.md §6.4–6.6."""
+"""online_pseudo_label against a per-image, per-class composition written out from docs/algorithm.md §6.4–6.6."""
 from __future__ import annotations
 
 import pytest

@@ -220,7 +220,7 @@ def test_rfm_signed_selection_ignores_a_f_but_abs_does_not():
     g = torch.Generator().manual_seed(3)
     scale = torch.tensor([1.0, 1.2, 0.8, 1.1, 0.9, 1.3], dtype=torch.float64)
     attn = (torch.rand(1, 6, 8, 8, generator=g, dtype=torch.float64) * 0.1 + 0.05) * scale[:, None, None]
-    want = (attn.sum((-1, -2)) >= attn.sum((-1, -2)).mean()).to(torch.float64)  # §0.1 item 1
+    want = (attn.sum((-1, -2)) >= attn.sum((-1, -2)).mean()).to(torch.float64)  # docs/algorithm.md §0.1 item 1
     candidates = [torch.zeros(1, 8, 8, dtype=torch.float64), 1e3 * torch.rand(1, 8, 8, generator=g, dtype=torch.float64),
                   attn[:, 2].clone(), attn[:, 5].clone(), -torch.rand(1, 8, 8, generator=g, dtype=torch.float64)]
     for a_f in candidates:

@@ -1,5 +1,5 @@
 """Stage `extract` under faults: a worker SIGKILLed inside a shard, then resumed, gives the cache an uninterrupted run
-gives; unreadable images become recorded skips, not a crash (DESIGN.md §3.3)."""
+gives; unreadable images become recorded skips, not a crash (docs/design.md §3.3)."""
 from __future__ import annotations
 
 import json

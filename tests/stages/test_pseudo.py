@@ -121,7 +121,7 @@ def test_argument_errors(world):
 
 
 def test_preset_normalisation_means_the_models(world):
-    """eval.clipes_normalisation 'preset' uses model.normalisation (ImageNet here), not CLIP's (§5.1)."""
+    """eval.clipes_normalisation 'preset' uses model.normalisation (ImageNet here), not CLIP's (docs/algorithm.md §5.1)."""
     preset = run(world, "norm-preset", cfg=world["cfg"].replace(eval={"clipes_normalisation": "preset"}), workers=0)
     imagenet = run(world, "norm-imagenet", cfg=world["cfg"].replace(eval={"clipes_normalisation": "imagenet"}),
                    workers=0)

@@ -1,4 +1,4 @@
-"""Losses against hand computations on tiny tensors (ALGORITHM.md §7.2)."""
+"""Losses against hand computations on tiny tensors (docs/algorithm.md §7.2)."""
 from __future__ import annotations
 
 import math

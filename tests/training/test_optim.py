@@ -1,4 +1,4 @@
-"""Optimiser and poly warm-up schedule (ALGORITHM.md §7.3)."""
+"""Optimiser and poly warm-up schedule (docs/algorithm.md §7.3)."""
 from __future__ import annotations
 
 import copy
