@@ -156,7 +156,9 @@ def train(
         cfg = cfg.replace(refine={"rfm_filter": rfm_filter})
     if (cache is None) == (online is None):
         raise typer.BadParameter("give exactly one of --cache and --online")
-    _print(stage.run(cfg, cache, out, resume=resume, online_manifest=online, max_steps=max_steps, device=device))
+    explicit = [item.partition("=")[0].strip() for item in set_ or []]  # the rest of a cache's settings is its own
+    _print(stage.run(cfg, cache, out, resume=resume, online_manifest=online, max_steps=max_steps, device=device,
+                     explicit=explicit))
 
 
 @app.command()

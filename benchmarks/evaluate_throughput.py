@@ -40,6 +40,7 @@ from pipeline.model.backbone import load_backbone  # noqa: E402
 from pipeline.inference.segment import segment_fn  # noqa: E402
 from pipeline.inference.crf_pool import CrfJob, CrfPool, crf_job, labelled  # noqa: E402
 from pipeline.inference.predict import Predictor  # noqa: E402
+from pipeline.model.text import dataset_class_set  # noqa: E402
 
 NUM_CLASSES = 21  # VOC: background + 20
 
@@ -58,7 +59,8 @@ def predictor(model: str, device: str) -> Predictor:
     decoder = WeCLIPDecoder(len(layers), backbone.width, NUM_CLASSES, cfg.decoder).to(backbone.device).eval()
     ckpt = Checkpoint(path=Path("random"), step=0, decoder_state={}, decoder_args={}, optimizer_state={},
                       scheduler_state={}, config=cfg.replace(extract={"feature_layers": list(layers)}),
-                      fingerprint={}, class_names=tuple(f"class{i}" for i in range(1, NUM_CLASSES)), rng_state={})
+                      fingerprint={}, classes=dataset_class_set([f"class{i}" for i in range(1, NUM_CLASSES)], None),
+                      rng_state={})
     return Predictor(ckpt, backbone, decoder, segment_fn(backbone, decoder, layers))
 
 

@@ -99,12 +99,12 @@ def measure(args: argparse.Namespace, cfg: Config, backbone: FrozenCLIP, text: T
             workdir: Path) -> dict[str, object]:
     device = backbone.device
     images = make_images(workdir, -(-args.views // args.views_per_image), args.classes, text.fg.shape[0], args.seed)
-    plan = ExtractPlan(tuple(images), args.views_per_image, args.views)
+    plan = ExtractPlan(tuple(images), args.views_per_image, args.views, class_set(cfg.text.classes))
     task = plan.task(0)
     fingerprint, spec = cache_layout(cfg, plan, backbone)
     out = str(workdir / "cache")
     writer = CacheWriter.create_or_open(out, spec, fingerprint)
-    job = ExtractJob(cfg=cfg, out=out, spec=spec, fingerprint=fingerprint, device=args.device)
+    job = ExtractJob(cfg=cfg, out=out, spec=spec, fingerprint=fingerprint, classes=plan.classes, device=args.device)
 
     reference = open_clip.create_model(args.model, pretrained=None, force_image_size=args.size).to(device).eval()
     autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]

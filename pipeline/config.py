@@ -161,7 +161,11 @@ class ModelConfig(Section):
 @dataclass(frozen=True)
 class TextConfig(Section):
     template: str = "a clean origami {}."  # [PW] supplement writes "a clear origami"; code says "clean"
-    classes: Literal["voc", "coco", "shapes"] = "voc"  # which class-name and background lists of pipeline/model/text.py
+    # The built-in dataset this preset's constants are tuned for. Class names come from the manifest (and the cache,
+    # and the checkpoint): a manifest of another built-in dataset is refused, a custom class list fits any preset.
+    classes: Literal["voc", "coco", "shapes"] = "voc"
+    # Background prompt names replacing the class set's own (VOC's for a custom class list); None keeps them.
+    background: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

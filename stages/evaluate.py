@@ -69,7 +69,8 @@ class EvalReport:
 
 def run(checkpoint: str | Path, manifest: str | Path, out_dir: str | Path, cfg: EvalConfig | None = None,
         crf: bool | None = None, save_predictions: bool = False, visualize: int = 0, workers: int | None = None,
-        device: str | None = None, model_configs: Sequence[str | Path] = (), progress: bool = True) -> EvalReport:
+        device: str | None = None, model_configs: Sequence[str | Path] = (), progress: bool = True,
+        pretrained: str | None = None) -> EvalReport:
     """Evaluate a checkpoint on every image of a manifest with masks.
 
     cfg: inference settings (default: the checkpoint's `eval` section); crf: DenseCRF on/off (default cfg.crf);
@@ -80,7 +81,7 @@ def run(checkpoint: str | Path, manifest: str | Path, out_dir: str | Path, cfg: 
     started = time.perf_counter()
     out_dir = Path(out_dir)
     dev = default_device(device)
-    predictor = load_predictor(checkpoint, dev, model_configs)
+    predictor = load_predictor(checkpoint, dev, model_configs, pretrained)
     ckpt = predictor.checkpoint
     cfg = ckpt.config.eval if cfg is None else cfg
     crf = cfg.crf if crf is None else crf

@@ -27,7 +27,6 @@ from pipeline.extract.plan import ShardTask, cache_layout, make_plan
 from pipeline.extract.worker import ExtractJob, ShardOutcome, run_shard
 from pipeline.files import is_url, local_path
 from pipeline.model.backbone import load_backbone
-from pipeline.model.text import class_set, require_classes
 
 Executor = Literal["ray", "inline"]
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -91,19 +90,18 @@ def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Execu
         raise ConfigError(f"executor must be 'ray' or 'inline', got {executor!r}")
     started = time.perf_counter()
     manifest = read_manifest(manifest_path)
-    require_classes(manifest.class_names, f"manifest {manifest_path}, which holds the classes of dataset "
-                    f"{manifest.dataset!r}", class_set(cfg.text.classes).classes,
-                    f"text class set {cfg.text.classes!r}", f"use the matching preset (--preset {manifest.dataset})")
-    plan = make_plan(manifest, cfg.extract, limit)
+    plan = make_plan(manifest, cfg, limit)
     configs = tuple(str(Path(p).resolve()) for p in model_configs)  # workers may run in another folder
     device = "cuda" if executor == "inline" and torch.cuda.is_available() else "cpu"
     backbone = load_backbone(cfg.model, device, configs)
     fingerprint, spec = cache_layout(cfg, plan, backbone)
     root = _cache_root(out)
-    writer = CacheWriter.create_or_open(root, spec, fingerprint)  # once, before any worker (docs/design.md §3.3)
+    provenance = {"config": cfg.to_dict(), "class_set": plan.classes.to_dict()}  # what train and evaluate adopt
+    writer = CacheWriter.create_or_open(root, spec, fingerprint, provenance)  # once, before any worker (§3.3)
     committed = writer.committed()
     tasks = [plan.task(s) for s in range(plan.n_shards) if s not in committed]
-    job = ExtractJob(cfg=cfg, out=root, spec=spec, fingerprint=fingerprint, model_configs=configs, device=device)
+    job = ExtractJob(cfg=cfg, out=root, spec=spec, fingerprint=fingerprint, classes=plan.classes,
+                     model_configs=configs, device=device)
     bar = tqdm(total=sum(len(t.samples) for t in tasks), unit="view", desc="extract", disable=not progress)
     extract_start = time.perf_counter()
     outcomes: list[ShardOutcome] = []

@@ -91,7 +91,8 @@ def _write_failures(path: Path, failures: list[dict[str, str]]) -> Path:
 
 def run(checkpoint: str | Path, images: str | Path, out_dir: str | Path, cfg: EvalConfig | None = None,
         crf: bool | None = None, overlays: bool = False, workers: int | None = None, device: str | None = None,
-        model_configs: Sequence[str | Path] = (), progress: bool = True) -> InferSummary:
+        model_configs: Sequence[str | Path] = (), progress: bool = True, pretrained: str | None = None
+        ) -> InferSummary:
     """Segment every image under `images` (recursive) into `out_dir`.
 
     cfg: inference settings (default: the checkpoint's `eval` section); crf: DenseCRF (default cfg.crf);
@@ -102,7 +103,7 @@ def run(checkpoint: str | Path, images: str | Path, out_dir: str | Path, cfg: Ev
     folder, out_dir = Path(images), Path(out_dir)
     files = list_images(folder, exclude=out_dir)  # outputs written inside the input folder are not inputs
     names = output_names(folder, files)
-    predictor = load_predictor(checkpoint, default_device(device), model_configs)
+    predictor = load_predictor(checkpoint, default_device(device), model_configs, pretrained)
     cfg = predictor.checkpoint.config.eval if cfg is None else cfg
     crf = cfg.crf if crf is None else crf
     failures: list[dict[str, str]] = []

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ManifestConfig
+from pipeline.data.folder import load_class_prompts
 from pipeline.data.manifest import manifest_target, rejects_path, validate, write_manifest, write_rejects
 from pipeline.data.registry import Inputs, layout, names, resolve_classes
 from pipeline.errors import DataError
@@ -76,8 +77,9 @@ def run(fmt: str, root: str | Path, out: str | Path, *, split: str | None = None
     if not rows:
         raise DataError(f"no usable image in {root} (split {split!r}): all {len(rejects)} were rejected; "
                         f"see {reject_file}")
+    prompts = None if class_names_file is None else load_class_prompts(class_names_file)
     write_manifest(manifest_path, rows, dataset=fmt, class_names=classes, root=root, command=command,
-                   class_set=set_name)
+                   class_set=set_name, class_prompts=prompts)
     counts = Counter(label for r in rows for label in r.labels)
     return ManifestSummary(manifest_path=manifest_path, rejects_path=reject_file, dataset=fmt, split=split,
                            images=len(rows), rejected=dict(sorted(Counter(r.reason for r in rejects).items())),

@@ -32,7 +32,7 @@ from pipeline.inference.predict import BACKGROUND, check_classes, clipes_predict
 from pipeline.inference.report import GRID_NAME, REPORT_JSON, REPORT_MD, markdown_report, percent, score_dict, write_reports
 from pipeline.metrics import ConfusionMatrix
 from pipeline.model.backbone import default_device
-from pipeline.model.text import class_set, require_classes
+from pipeline.model.text import manifest_class_set
 from pipeline.palette import colorize, save_label_png
 from pipeline.visualize import GRID_COLUMNS, save_sample_grid
 
@@ -79,7 +79,8 @@ class PseudoReport:
 
 def run(manifest: str | Path, out_dir: str | Path, cfg: Config | None = None, source: Source = "clip-es",
         checkpoint: str | Path | None = None, workers: int | None = None, visualize: int = 0,
-        device: str | None = None, model_configs: Sequence[str | Path] = (), progress: bool = True) -> PseudoReport:
+        device: str | None = None, model_configs: Sequence[str | Path] = (), progress: bool = True,
+        pretrained: str | None = None) -> PseudoReport:
     """Write the pseudo mask of every image of `manifest` into out_dir/masks and score them against GT masks.
 
     cfg: for `clip-es`, the model, text, refinement and eval settings (required); for `weclip`, defaults to the
@@ -98,16 +99,14 @@ def run(manifest: str | Path, out_dir: str | Path, cfg: Config | None = None, so
             raise ConfigError("source 'clip-es' needs a config (model, text, refine and eval settings): pass cfg")
         if checkpoint is not None:
             raise ConfigError("source 'clip-es' uses no trained checkpoint; pass checkpoint only with source 'weclip'")
-        require_classes(data.class_names, f"manifest {data.path} of dataset {data.dataset!r}",
-                        class_set(cfg.text.classes).classes, f"text class set {cfg.text.classes!r}",
-                        f"use the preset of dataset {data.dataset!r}", EvalError)
-        predict_fn = clipes_predictor(cfg, dev, model_configs, visualize, panels)
+        classes = manifest_class_set(data, cfg.text, EvalError)
+        predict_fn = clipes_predictor(cfg, classes, dev, model_configs, visualize, panels)
         names = (BACKGROUND, *data.class_names)
         use_crf = True  # the DenseCRF and its confidence threshold are part of CLIP-ES's masks (§5.3)
     else:
         if checkpoint is None:
             raise ConfigError("source 'weclip' needs the trained checkpoint")
-        predictor = load_predictor(checkpoint, dev, model_configs)
+        predictor = load_predictor(checkpoint, dev, model_configs, pretrained)
         check_classes(predictor.checkpoint, data)
         cfg = predictor.checkpoint.config if cfg is None else cfg
         names = predictor.class_names

@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from pipeline.config import Config
 from pipeline.errors import TrainError
+from pipeline.files import atomic_write_text
 from pipeline.model.backbone import default_device
 from pipeline.model.decoder import WeCLIPDecoder
 from pipeline.refinement.par import PAR
@@ -30,7 +31,7 @@ from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.optim import PolyWarmup, build_optimizer
 from pipeline.training.schedule import batch_positions
 from pipeline.training.sources import CachedSource, OnlineSource, Source
-from pipeline.training.state import CHECKPOINT_NAME, METRICS_NAME, open_metrics, restore_run_state, save_run_state
+from pipeline.training.state import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, open_metrics, restore_run_state, save_run_state
 from pipeline.training.step import train_step
 
 
@@ -64,26 +65,31 @@ class TrainSummary:
 
 def run(cfg: Config, cache_path: str | Path | None, out_dir: str | Path, resume: bool = False,
         online_manifest: str | Path | None = None, max_steps: int | None = None, progress: bool = True,
-        device: str | None = None, model_configs: Sequence[str | Path] = ()) -> TrainSummary:
+        device: str | None = None, model_configs: Sequence[str | Path] = (),
+        explicit: Iterable[str] | None = None) -> TrainSummary:
     """Train the decoder for `cfg.train.iterations` steps (or up to global step `max_steps`, if smaller).
 
     cache_path: the feature cache (ignored with `online_manifest`, which trains online from that manifest).
     out_dir: receives `checkpoint.pt` (latest), `step_XXXXXX.pt` (every `train.checkpoint_every` steps and at
     the end) and `metrics.jsonl` (one JSON object per step). resume: continue from `out_dir/checkpoint.pt`.
     device: "cpu", "cuda", ... (default: cuda when available). model_configs: extra open_clip model configs to
-    register for the online backbone (e.g. a test's tiny ViT).
+    register for the online backbone (e.g. a test's tiny ViT). explicit: the dotted config fields the user set
+    (--set / --config); from a cache, the settings it fixes (model, text, aug, extract) are taken from it, and one
+    of them set to another value is an error (None: every field of `cfg` counts as set). The run's resolved config
+    is written to `out_dir/config.json`.
     """
     out_dir = Path(out_dir)
     dev = default_device(device)
     if online_manifest is None and cache_path is None:
         raise TrainError("give a feature cache (cache_path) or a manifest to train online (online_manifest)")
-    source: Source = (OnlineSource(cfg, online_manifest, dev, model_configs)
-                                           if online_manifest is not None else CachedSource(cfg, cache_path, dev))
+    source: Source = (OnlineSource(cfg, online_manifest, dev, model_configs) if online_manifest is not None
+                      else CachedSource(cfg, cache_path, dev, explicit))
+    cfg = source.cfg
     end = cfg.train.iterations if max_steps is None else min(max_steps, cfg.train.iterations)
     batch_positions(0, source.n_samples, cfg.train.batch_size, cfg.train.seed)  # fail now if one batch cannot fill
 
     torch.manual_seed(cfg.train.seed)  # decoder init, then dropout
-    decoder = WeCLIPDecoder(source.in_layers, source.in_dim, len(source.class_names) + 1, cfg.decoder).to(dev)
+    decoder = WeCLIPDecoder(source.in_layers, source.in_dim, source.classes.num_classes + 1, cfg.decoder).to(dev)
     optimizer = build_optimizer(decoder.parameters(), cfg.train)
     scheduler = PolyWarmup(optimizer, cfg.train)
     start = 0
@@ -94,6 +100,7 @@ def run(cfg: Config, cache_path: str | Path | None, out_dir: str | Path, resume:
         raise TrainError(f"{out_dir} already holds a training run ({latest}); pass resume=True (--resume) to "
                          "continue it, or choose a new output folder")
     metrics_path = open_metrics(out_dir / METRICS_NAME, start)
+    atomic_write_text(out_dir / CONFIG_NAME, json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     par = PAR(cfg.par)
     loader = DataLoader(source.dataset(start, max(start, end)), batch_size=None, shuffle=False,

@@ -8,6 +8,7 @@ work unit writes exactly one shard file per array. Next to the arrays the store 
     index.parquet                one row per committed sample      (written by `CacheWriter.finalize`)
     shards.parquet               one row per planned shard
     skipped.parquet              one row per image that failed to decode
+    config.json                  the resolved config of the extract run that created the cache
 
 Per-sample arrays, declared by `CacheSpec.arrays()` (ViT-B/16, crop 320: grid 20×20, N=400, D=768):
 
@@ -44,6 +45,7 @@ COMMIT_PREFIX = "_commits/"
 INDEX_KEY = "index.parquet"
 SHARDS_KEY = "shards.parquet"
 SKIPPED_KEY = "skipped.parquet"
+CONFIG_KEY = "config.json"  # the extract run's resolved config, readable
 
 FloatDtype = Literal["float16", "float32", "bfloat16"]
 FLOAT_DTYPES: tuple[FloatDtype, ...] = ("float16", "float32", "bfloat16")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Sequence
@@ -40,8 +41,8 @@ from zarr.storage import FsspecStore, LocalStore
 from pipeline.cache import fingerprint as fp
 from pipeline.cache.index import (CacheTables, ShardCommit, build_tables, committed_shards, parquet_to_table,
                                   table_to_parquet, validate_rows)
-from pipeline.cache.schema import (COMMIT_PREFIX, INDEX_KEY, KNOWN_SCHEMA_VERSIONS, ROOT_ATTR, SCHEMA_VERSION,
-                                   SHARDS_KEY, SKIPPED_KEY, ArraySchema, CacheSpec, commit_key)
+from pipeline.cache.schema import (COMMIT_PREFIX, CONFIG_KEY, INDEX_KEY, KNOWN_SCHEMA_VERSIONS, ROOT_ATTR,
+                                   SCHEMA_VERSION, SHARDS_KEY, SKIPPED_KEY, ArraySchema, CacheSpec, commit_key)
 from pipeline.errors import CacheError, StorageError
 from pipeline.files import is_url, local_path
 
@@ -65,8 +66,13 @@ class CacheWriter:
         self._arrays = {name: group[name] for name in self._schemas}
 
     @classmethod
-    def create_or_open(cls, root: CacheRoot, spec: CacheSpec, fingerprint: dict[str, Any]) -> "CacheWriter":
+    def create_or_open(cls, root: CacheRoot, spec: CacheSpec, fingerprint: dict[str, Any],
+                       provenance: dict[str, Any] | None = None) -> "CacheWriter":
         """Create the cache at `root`, or reopen it to resume when fingerprint and spec are identical.
+
+        `provenance` ({"config": the extract run's resolved config, "class_set": the prompted class set}) is
+        recorded at creation, in the root attribute and as a readable `config.json`: the settings a cache fixes
+        travel from there to `weclip train` and on to its checkpoints.
 
         Call it once in the driver before starting workers; workers may call it again (on an existing cache it
         only reads, so a complete cache on read-only storage opens) or receive the pickled writer. Raises
@@ -81,7 +87,7 @@ class CacheWriter:
             if not meta:  # nothing there, or a group whose creation was interrupted
                 _refuse_foreign_content(store, spec, root)
                 with _writing(store, _name(root)):
-                    group = _create(store, spec, fingerprint)
+                    group = _create(store, spec, fingerprint, provenance or {})
             else:
                 _check_version(meta, root)
                 _check_same(meta, spec, fingerprint, root)
@@ -168,6 +174,7 @@ class CacheReader:
                             "check the path or run `weclip extract` to build one")
         _check_version(meta, root)
         self.fingerprint: dict[str, Any] = meta["fingerprint"]
+        self.provenance: dict[str, Any] = meta.get("provenance", {})  # see CacheWriter.create_or_open
         self.spec = CacheSpec.from_dict(meta["spec"])
         self.schemas: dict[str, ArraySchema] = self.spec.arrays()
         group = zarr.open_group(self.store, mode="r")
@@ -265,13 +272,15 @@ def sha256_array(values: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(values).view(np.uint8).data).hexdigest()
 
 
-def _create(store: Store, spec: CacheSpec, fingerprint: dict[str, Any]) -> zarr.Group:
+def _create(store: Store, spec: CacheSpec, fingerprint: dict[str, Any], provenance: dict[str, Any]) -> zarr.Group:
     """Arrays first, the root attribute last: a crash in between leaves a group the next call recreates."""
     group = zarr.create_group(store, overwrite=True)
     for schema in spec.arrays().values():
         group.create_array(**schema.zarr_kwargs(spec), overwrite=True)
+    if "config" in provenance:
+        _set(store, CONFIG_KEY, (json.dumps(provenance["config"], indent=2) + "\n").encode())
     group.attrs.update({ROOT_ATTR: {"schema_version": SCHEMA_VERSION, "fingerprint": fingerprint,
-                                    "spec": spec.to_dict()}})
+                                    "spec": spec.to_dict(), "provenance": provenance}})
     return group
 
 
@@ -287,7 +296,7 @@ def _root_meta(store: Store) -> dict[str, Any] | None:
 def _refuse_foreign_content(store: Store, spec: CacheSpec, root: CacheRoot) -> None:
     """Only an empty location, or one holding our arrays from an interrupted create, may be (re)created.
     Looks at the top level only (a foreign directory may be huge); `.partial` names are zarr's temp files."""
-    ours = {"zarr.json", *spec.arrays()}
+    ours = {"zarr.json", CONFIG_KEY, *spec.arrays()}
     foreign = next((k for k in _collect(store.list_dir("")) if k not in ours and not k.endswith(".partial")), None)
     if foreign is not None:
         raise NotACache(f"{_name(root)} is not empty and is not a weclip feature cache (found {foreign!r}); "

@@ -20,16 +20,35 @@ from pipeline.data.textfile import read_text
 from pipeline.errors import DataError
 
 
-def load_class_names(path: str | Path) -> tuple[str, ...]:
-    """Class names from a text file, one per line (index = class id); blank and '#' lines are skipped."""
-    lines = read_text(path, "class-name file").splitlines()
-    names = tuple(s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#"))
-    if not names:
+def _class_lines(path: str | Path) -> list[tuple[str, str | None]]:
+    """(name, prompt or None) per class line of a class file: `name`, or `name: prompt text` to prompt the CAMs with
+    other words (synonyms, e.g. `person: person with clothes,people,human`); blank and '#' lines are skipped."""
+    entries = []
+    for line in read_text(path, "class-name file").splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, sep, prompt = line.partition(":")
+        entries.append((name.strip(), prompt.strip() if sep and prompt.strip() else None))
+    if not entries:
         raise DataError(f"class-name file {path} lists no classes; write one class name per line")
+    names = [n for n, _ in entries]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise DataError(f"class-name file {path} lists a class twice ({twice}); keep one line per class")
-    return names
+    return entries
+
+
+def load_class_names(path: str | Path) -> tuple[str, ...]:
+    """Class names from a class file, one per line (index = class id)."""
+    return tuple(name for name, _ in _class_lines(path))
+
+
+def load_class_prompts(path: str | Path) -> tuple[str, ...] | None:
+    """The prompt of every class of a class file (its name where the line gives none); None when no line gives one."""
+    entries = _class_lines(path)
+    if all(prompt is None for _, prompt in entries):
+        return None
+    return tuple(prompt or name for name, prompt in entries)
 
 
 def _relative(root: Path, name: str) -> str:

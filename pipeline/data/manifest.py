@@ -222,8 +222,10 @@ def read_rejects(path: str | Path) -> list[Reject]:
 
 
 def write_manifest(path: str | Path, rows: Sequence[ManifestRow], *, dataset: str, class_names: Sequence[str],
-                   root: str | Path, command: str, class_set: str | None = None) -> Path:
-    """Write the Parquet manifest atomically, with the metadata of manifest_schema.json."""
+                   root: str | Path, command: str, class_set: str | None = None,
+                   class_prompts: Sequence[str] | None = None) -> Path:
+    """Write the Parquet manifest atomically, with the metadata of manifest_schema.json. `class_prompts`: what the
+    CAMs prompt each class with, when a custom class file gives it (None: the class names)."""
     path = Path(path)
     if path.suffix != ".parquet":
         raise DataError(f"manifest path {path} must end in .parquet")
@@ -231,7 +233,8 @@ def write_manifest(path: str | Path, rows: Sequence[ManifestRow], *, dataset: st
     columns = {name: [getattr(r, name) for r in rows] for name in schema.names}
     columns["labels"] = [list(r.labels) for r in rows]
     meta = {"schema_version": schema_version(), "dataset": dataset, "class_set": class_set,
-            "class_names": list(class_names), "root": str(Path(root).resolve()), "command": command}
+            "class_names": list(class_names), "root": str(Path(root).resolve()), "command": command,
+            "class_prompts": None if class_prompts is None else list(class_prompts)}
     table = pa.Table.from_pydict(columns, schema=schema).replace_schema_metadata(
         {schema_spec()["metadata_key"]: json.dumps(meta)})
     return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
@@ -247,6 +250,7 @@ class Manifest:
     class_names: tuple[str, ...]
     root: Path
     command: str
+    class_prompts: tuple[str, ...] | None = None  # per-class CAM prompts of a custom class file
 
     @cached_property
     def rows(self) -> tuple[ManifestRow, ...]:
@@ -288,4 +292,5 @@ def read_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
                         f"the manifest schema {expected.names}; rebuild it with `weclip manifest`")
     return Manifest(path=path, table=table, dataset=meta["dataset"], class_set=meta.get("class_set"),
                     class_names=tuple(meta["class_names"]), root=Path(root if root is not None else meta["root"]),
-                    command=meta["command"])
+                    command=meta["command"],
+                    class_prompts=None if meta.get("class_prompts") is None else tuple(meta["class_prompts"]))

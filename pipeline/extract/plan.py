@@ -16,7 +16,7 @@ from pipeline.config import Config, ExtractConfig
 from pipeline.data.manifest import Manifest
 from pipeline.errors import BackboneError, ConfigError, DataError
 from pipeline.model.protocol import Backbone
-from pipeline.model.text import class_set, prompts
+from pipeline.model.text import ClassSet, manifest_class_set
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,11 @@ class ShardTask:
 
 @dataclass(frozen=True)
 class ExtractPlan:
+    """The samples of a cache and their shards; `classes` is the class set the CAMs prompt (the manifest's)."""
     images: tuple[PlannedImage, ...]
     views: int
     samples_per_shard: int
+    classes: ClassSet
 
     def __post_init__(self) -> None:
         if not self.images:
@@ -81,14 +83,15 @@ class ExtractPlan:
         return ShardTask(shard, tuple(PlannedSample(r, self.images[r // self.views], r % self.views) for r in rows))
 
 
-def make_plan(manifest: Manifest, cfg: ExtractConfig, limit: int | None = None) -> ExtractPlan:
-    """The plan of a manifest: its first `limit` images (all when None), in manifest order."""
+def make_plan(manifest: Manifest, cfg: Config, limit: int | None = None) -> ExtractPlan:
+    """The plan of a manifest: its first `limit` images (all when None), in manifest order, prompted with the
+    manifest's class set (`pipeline.model.text.manifest_class_set`)."""
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be a positive number of images, got {limit}")
     rows = manifest.rows[:limit]
     images = tuple(PlannedImage(r.image_id, str(manifest.image_abspath(r).resolve()), tuple(r.labels), r.height,
                                 r.width) for r in rows)
-    return ExtractPlan(images, cfg.views, cfg.samples_per_shard)
+    return ExtractPlan(images, cfg.extract.views, cfg.extract.samples_per_shard, manifest_class_set(manifest, cfg.text))
 
 
 def check_layers(cfg: ExtractConfig, backbone: Backbone) -> None:
@@ -109,19 +112,13 @@ def crop_grid(crop: int, patch_size: int) -> tuple[int, int]:
     return crop // patch_size, crop // patch_size
 
 
-def all_prompts(cfg: Config) -> list[str]:
-    """Every prompt the CAMs use, in order: the class names (with synonyms), then the background names."""
-    classes = class_set(cfg.text.classes)
-    return prompts(classes.prompt_names, cfg.text.template) + prompts(classes.background, cfg.text.template)
-
-
 def cache_fingerprint(cfg: Config, plan: ExtractPlan, backbone: Backbone) -> dict[str, Any]:
     """The fingerprint of the cache of a plan, after checking the layers and the crop; online training records the
     same one, so a checkpoint names the cache it is equivalent to. Its `checkpoint` is the backbone's identity,
     which tells random initialisations apart too."""
     check_layers(cfg.extract, backbone)
-    return fingerprint_from_config(cfg, grid=crop_grid(cfg.aug.crop, backbone.patch_size), prompts=all_prompts(cfg),
-                                   class_names=class_set(cfg.text.classes).classes,
+    return fingerprint_from_config(cfg, grid=crop_grid(cfg.aug.crop, backbone.patch_size),
+                                   prompts=plan.classes.prompts(cfg.text.template), class_names=plan.classes.classes,
                                    manifest=[(i.image_id, i.labels) for i in plan.images],
                                    checkpoint=backbone.identity)
 

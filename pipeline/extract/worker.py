@@ -24,7 +24,7 @@ from pipeline.extract.plan import PlannedSample, ShardTask
 from pipeline.model.backbone import load_backbone
 from pipeline.model.cam import softmax_gradcam
 from pipeline.model.protocol import CLIPBackbone
-from pipeline.model.text import TextEmbeddings, class_set, text_embeddings
+from pipeline.model.text import ClassSet, TextEmbeddings, text_embeddings
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class ExtractJob:
     out: str  # cache root: absolute local path or fsspec URL
     spec: CacheSpec
     fingerprint: dict[str, Any]
+    classes: ClassSet  # the class set the CAMs prompt
     model_configs: tuple[str, ...] = ()
     device: str = "cpu"
 
@@ -108,7 +109,7 @@ def run_shard(job: ExtractJob, task: ShardTask) -> ShardOutcome:
         raise ExtractError(f"the backbone in this worker ({backbone.identity}) is not the one the cache at {job.out} "
                            f"was planned with ({job.fingerprint['checkpoint']}); give every worker the same "
                            "checkpoint file")
-    text = text_embeddings(backbone, class_set(job.cfg.text.classes), job.cfg.text.template)
+    text = text_embeddings(backbone, job.classes, job.cfg.text.template)
     data = extract_shard(backbone, text, task, job.cfg, job.spec)
     writer = CacheWriter.create_or_open(job.out, job.spec, job.fingerprint)
     commit = writer.write_shard(task.shard, data.arrays, data.rows, data.skipped)

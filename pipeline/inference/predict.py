@@ -6,6 +6,7 @@ job of WeCLIP's inference (§8.1 step 6) for `pipeline.inference.crf_pool`.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,13 +19,13 @@ from pipeline.config import Config, EvalConfig
 from pipeline.data.augment import normalise
 from pipeline.data.images import ImageDecodeError, load_manifest_rgb, load_mask
 from pipeline.data.manifest import Manifest, ManifestRow
-from pipeline.errors import EvalError
+from pipeline.errors import EvalError, MissingFile
 from pipeline.inference.crf_pool import CrfJob
 from pipeline.inference.segment import SegFn, clipes_cam_scores, clipes_input, floor_to_patches, msc_flip_logits, resize_long_side, segment_fn, weclip_cam_maps
 from pipeline.model.backbone import load_backbone
 from pipeline.model.decoder import WeCLIPDecoder
 from pipeline.model.protocol import CLIPBackbone
-from pipeline.model.text import class_set, require_classes, text_embeddings
+from pipeline.model.text import ClassSet, require_classes, text_embeddings
 from pipeline.refinement.crf import clipes_crf_image
 from pipeline.training.checkpoint import Checkpoint, build_decoder_from_checkpoint, load_checkpoint
 from pipeline.visualize import cam_panels
@@ -62,17 +63,26 @@ class Predictor:
         return CrfJob(key, rgb, probs, np.arange(probs.shape[0]), cfg.crf_params)
 
 
-def load_predictor(checkpoint: str | Path, device: str | torch.device,
-                   model_configs: Sequence[str | Path] = ()) -> Predictor:
-    """Checkpoint → its backbone (from the checkpoint's model config) and decoder, checked to belong together."""
+def load_predictor(checkpoint: str | Path, device: str | torch.device, model_configs: Sequence[str | Path] = (),
+                   pretrained: str | None = None) -> Predictor:
+    """Checkpoint → the backbone its config records and its decoder, checked to belong together.
+
+    `pretrained` points to the backbone's weights when they moved since training (`--set model.pretrained=PATH`);
+    they must be the recorded ones (the identity holds their sha256)."""
     ckpt = load_checkpoint(checkpoint)
+    if pretrained is not None:
+        ckpt = dataclasses.replace(ckpt, config=ckpt.config.replace(model={"pretrained": pretrained}))
     cfg = ckpt.config
-    backbone = load_backbone(cfg.model, device, model_configs)
+    try:
+        backbone = load_backbone(cfg.model, device, model_configs)
+    except MissingFile as err:
+        raise EvalError(f"the backbone of checkpoint {ckpt.path} cannot be loaded: {err}. If its weights moved, "
+                        "give their new path with --set model.pretrained=PATH") from err
     trained_on = ckpt.fingerprint.get("checkpoint")
     if trained_on != backbone.identity:
-        raise EvalError(f"checkpoint {ckpt.path} was trained on features of backbone {trained_on!r}, but its model "
-                        f"config ({cfg.model.name}, pretrained={cfg.model.pretrained!r}) loads {backbone.identity!r}; "
-                        "put the backbone weights it was trained with back at that path")
+        raise EvalError(f"checkpoint {ckpt.path} was trained on features of backbone {trained_on!r}, but "
+                        f"{cfg.model.name} with pretrained={cfg.model.pretrained!r} is {backbone.identity!r}; give "
+                        "the weights it was trained with (--set model.pretrained=PATH)")
     decoder = build_decoder_from_checkpoint(ckpt).to(backbone.device)
     return Predictor(ckpt, backbone, decoder, segment_fn(backbone, decoder, cfg.extract.feature_layers))
 
@@ -112,20 +122,20 @@ def read_gt(manifest: Manifest, row: ManifestRow) -> np.ndarray:
 def cam_panels_of(predictor: Predictor, rgb: np.ndarray, labels: Sequence[int], cfg: EvalConfig) -> dict[str, np.ndarray]:
     """Image, CAM, refined CAM and online pseudo label of one image (WeCLIP 'val' mode, RFM on), at the image size."""
     ckpt_cfg = predictor.checkpoint.config
-    text = text_embeddings(predictor.backbone, class_set(ckpt_cfg.text.classes), ckpt_cfg.text.template)
+    text = text_embeddings(predictor.backbone, predictor.checkpoint.classes, ckpt_cfg.text.template)
     x = floor_to_patches(resize_long_side(predictor.normalised(rgb), cfg.long_side), predictor.backbone.patch_size)
     maps = weclip_cam_maps(predictor.backbone, predictor.decoder, text, x, labels, ckpt_cfg.extract.feature_layers,
                            ckpt_cfg)
     return cam_panels(rgb, maps.cams.cpu().numpy(), maps.refined.cpu().numpy(), maps.pseudo.cpu().numpy())
 
 
-def clipes_predictor(cfg: Config, device: torch.device, model_configs: Sequence[str | Path], visualize: int,
-                      panels: dict[str, dict[str, np.ndarray]]):
+def clipes_predictor(cfg: Config, classes: ClassSet, device: torch.device, model_configs: Sequence[str | Path],
+                     visualize: int, panels: dict[str, dict[str, np.ndarray]]):
     """predict((index, row, rgb)) → the CLIP-ES CrfJob of a manifest image: bicubic resize to a multiple of the patch
     size and CLIP-ES normalisation (§5.1), Softmax-Grad-CAM + CAA on the whole image (§4, §5.2), DenseCRF with
     CLIP-ES's parameters and confidence threshold (§5.3). Keeps the CAM panels of the first `visualize` images."""
     backbone = load_backbone(cfg.model, device, model_configs)
-    text = text_embeddings(backbone, class_set(cfg.text.classes), cfg.text.template)
+    text = text_embeddings(backbone, classes, cfg.text.template)
     stats = cfg.model.normalisation if cfg.eval.clipes_normalisation == "preset" else cfg.eval.clipes_normalisation
 
     def predict(item: tuple[int, ManifestRow, np.ndarray]) -> CrfJob:

@@ -387,6 +387,16 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
 _BACKBONES: dict[tuple[object, ...], FrozenCLIP] = {}
 
 
+def _file_state(pretrained: str | None) -> object:
+    """What identifies loaded weights: a local file by path, size and mtime (a file replaced or removed since is
+    loaded again, and checked again), an open_clip tag by itself."""
+    path = Path(pretrained).expanduser() if pretrained is not None else None
+    if path is None or not path.is_file():
+        return pretrained
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
 def load_backbone(model: ModelConfig, device: str | torch.device,
                   model_configs: Sequence[str | Path] = ()) -> FrozenCLIP:
     """The frozen backbone of this process, loaded on first use and reused (one load per worker process).
@@ -397,7 +407,7 @@ def load_backbone(model: ModelConfig, device: str | torch.device,
     """
     if model_configs:
         register_model_configs(*model_configs)
-    key = (model.name, model.pretrained, model.precision, model.init_seed, str(device))
+    key = (model.name, _file_state(model.pretrained), model.precision, model.init_seed, str(device))
     if key not in _BACKBONES:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(model.init_seed)

@@ -6,11 +6,13 @@ prompts appended to every image's text set (docs/algorithm.md §3.3).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from pipeline.config import TextConfig
 from pipeline.errors import DataError
 
 VOC_CLASSES = (
@@ -78,6 +80,18 @@ class ClassSet:
         """Foreground classes; segmentation heads have num_classes + 1 outputs (0 = background)."""
         return len(self.classes)
 
+    def prompts(self, template: str) -> list[str]:
+        """Every prompt the CAMs use, in order: the class prompts (synonyms included), then the background ones."""
+        return prompts(self.prompt_names, template) + prompts(self.background, template)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "classes": list(self.classes), "prompt_names": list(self.prompt_names),
+                "background": list(self.background)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ClassSet":
+        return cls(str(data["name"]), tuple(data["classes"]), tuple(data["prompt_names"]), tuple(data["background"]))
+
 
 def _with_synonyms(classes: tuple[str, ...], synonyms: dict[str, str]) -> tuple[str, ...]:
     return tuple(synonyms.get(c, c) for c in classes)
@@ -97,8 +111,40 @@ def class_set(name: str) -> ClassSet:
         raise DataError(f"unknown class set {name!r}; known: {sorted(CLASS_SETS)}") from None
 
 
-def prompts(names: tuple[str, ...] | list[str], template: str) -> list[str]:
+def prompts(names: Sequence[str], template: str) -> list[str]:
     return [template.format(n) for n in names]
+
+
+CUSTOM = "custom"  # the name of a class set that a manifest defines with its own class list
+
+
+def dataset_class_set(class_names: Sequence[str], set_name: str | None, prompt_names: Sequence[str] | None = None,
+                      background: Sequence[str] | None = None) -> ClassSet:
+    """The class set a dataset's images are prompted with, from what its manifest records.
+
+    A built-in set (`set_name` voc / coco / shapes) keeps its synonyms and background names; a custom class list
+    (`set_name` None) is prompted with its own names, or the per-class prompts of its class file, and VOC's
+    background names. `background` (config `text.background`) replaces the background names of either."""
+    if set_name is not None:
+        builtin = class_set(set_name)
+        require_classes(class_names, "the manifest's class list", builtin.classes, f"class set {set_name!r}",
+                        "rebuild the manifest")
+        chosen = builtin
+    else:
+        chosen = ClassSet(CUSTOM, tuple(class_names), tuple(prompt_names or class_names), VOC_BACKGROUND)
+    if len(chosen.prompt_names) != len(chosen.classes):
+        raise DataError(f"{len(chosen.prompt_names)} class prompts for {len(chosen.classes)} classes; give one "
+                        "prompt per class")
+    return chosen if background is None else dataclasses.replace(chosen, background=tuple(background))
+
+
+def manifest_class_set(manifest, text: TextConfig, error: type[Exception] = DataError) -> ClassSet:
+    """The class set of a manifest (`dataset_class_set`), refusing one of another built-in dataset than the one the
+    preset is tuned for (`text.classes`)."""
+    if manifest.class_set is not None and manifest.class_set != text.classes:
+        raise error(f"manifest {manifest.path} holds the classes of dataset {manifest.class_set!r}, but the preset is "
+                    f"tuned for class set {text.classes!r}; use the matching preset (--preset {manifest.class_set})")
+    return dataset_class_set(manifest.class_names, manifest.class_set, manifest.class_prompts, text.background)
 
 
 @dataclass(frozen=True)

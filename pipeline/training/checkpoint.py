@@ -18,18 +18,19 @@ from pipeline.config import Config
 from pipeline.errors import CheckpointError
 from pipeline.files import atomic_write
 from pipeline.model.decoder import WeCLIPDecoder
+from pipeline.model.text import ClassSet
 
 FORMAT_TAG = "weclip-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the class set the CAMs were prompted with replaces the bare class names
 _KEYS = ("format", "version", "step", "decoder", "decoder_args", "optimizer", "scheduler", "config", "fingerprint",
-         "class_names", "rng_state")
+         "class_set", "rng_state")
 
 
 @dataclass(frozen=True)
 class Checkpoint:
     """A checkpoint read back. `decoder_args` = WeCLIPDecoder's (in_layers, in_dim, num_classes) as a dict;
-    `class_names` are the foreground names (class id order; the decoder has len + 1 outputs, 0 = background);
-    `rng_state` maps a generator name ("torch", "cuda") to its saved state."""
+    `classes` is the class set of the data (its names in class id order; the decoder has len + 1 outputs, 0 =
+    background), with the prompts the CAMs used; `rng_state` maps a generator name ("torch", "cuda") to its saved state."""
     path: Path
     step: int
     decoder_state: dict[str, torch.Tensor]
@@ -38,8 +39,12 @@ class Checkpoint:
     scheduler_state: dict[str, Any]
     config: Config
     fingerprint: dict[str, Any]
-    class_names: tuple[str, ...]
+    classes: ClassSet
     rng_state: dict[str, Any]
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.classes.classes
 
 
 def decoder_args(decoder: WeCLIPDecoder) -> dict[str, int]:
@@ -48,7 +53,7 @@ def decoder_args(decoder: WeCLIPDecoder) -> dict[str, int]:
 
 
 def save_checkpoint(path: str | Path, *, decoder: WeCLIPDecoder, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    step: int, config: Config, fingerprint: dict[str, Any], class_names: tuple[str, ...] | list[str],
+                    step: int, config: Config, fingerprint: dict[str, Any], classes: ClassSet,
                     rng_state: dict[str, Any]) -> Path:
     """Write a checkpoint atomically: a temp file in the same folder, flushed to disk, then renamed over `path`.
     A crash leaves either the previous file or the new one, never a partial file under `path`."""
@@ -59,7 +64,7 @@ def save_checkpoint(path: str | Path, *, decoder: WeCLIPDecoder, optimizer: torc
         "decoder": {k: v.detach().cpu() for k, v in decoder.state_dict().items()},
         "decoder_args": decoder_args(decoder),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "config": config.to_dict(), "fingerprint": dict(fingerprint), "class_names": list(class_names),
+        "config": config.to_dict(), "fingerprint": dict(fingerprint), "class_set": classes.to_dict(),
         "rng_state": rng_state,
     }
     return atomic_write(path, lambda tmp: torch.save(payload, tmp), fsync=True)
@@ -95,7 +100,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return Checkpoint(path=path, step=int(data["step"]), decoder_state=data["decoder"],
                       decoder_args={k: int(v) for k, v in data["decoder_args"].items()},
                       optimizer_state=data["optimizer"], scheduler_state=data["scheduler"], config=config,
-                      fingerprint=data["fingerprint"], class_names=tuple(data["class_names"]),
+                      fingerprint=data["fingerprint"], classes=ClassSet.from_dict(data["class_set"]),
                       rng_state=data["rng_state"])
 
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.cache import fingerprint as fp
 from pipeline.cache.store import CacheReader
 from pipeline.config import Config
 from pipeline.data.augment import apply_view, draw_view, normalise, valid_mask
@@ -29,7 +28,8 @@ from pipeline.errors import TrainError
 from pipeline.extract.plan import ExtractPlan, PlannedImage, cache_fingerprint, crop_grid, make_plan
 from pipeline.model.backbone import load_backbone
 from pipeline.model.cam import softmax_gradcam
-from pipeline.model.text import class_set, require_classes, text_embeddings
+from pipeline.model.text import ClassSet, text_embeddings
+from pipeline.provenance import adopt, cache_provenance, check_moved_backbone
 from pipeline.training.schedule import batch_positions, flip_decision, hflip_sample
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -109,8 +109,9 @@ class Source(Protocol):
     shape, and `dataset(start, stop)` (item i = the batch of step start + i, for a DataLoader with batch_size=None)
     / `prepare(item)` (that batch on the device as a StepBatch)."""
     kind: str  # "cache" or "online"
+    cfg: Config  # the run's config (for a cache: with the settings the cache fixes)
     fingerprint: dict[str, Any]
-    class_names: tuple[str, ...]
+    classes: ClassSet  # the class set the CAMs were prompted with
     in_layers: int
     in_dim: int
     grid: tuple[int, int]
@@ -122,12 +123,19 @@ class Source(Protocol):
 
 
 class CachedSource:
-    def __init__(self, cfg: Config, cache_path: str | Path, device: torch.device):
+    """The committed samples of a feature cache. The run's config is `cfg` with the settings the cache fixes
+    (`pipeline.provenance.adopt`: a contradicting setting in `explicit` is an error; None = all of `cfg`)."""
+
+    def __init__(self, cfg: Config, cache_path: str | Path, device: torch.device,
+                 explicit: Iterable[str] | None = None):
         reader = CacheReader(str(cache_path))  # NotACache names the path when it is not a cache
+        source = f"the feature cache at {cache_path}"
         rows = _training_rows(reader, cfg.train.views, cache_path)
-        class_names = _check_cache_matches_config(cfg, reader.fingerprint, cache_path)
+        recorded, self.classes = cache_provenance(reader.provenance, reader.fingerprint, source)
+        cfg = adopt(cfg, recorded, explicit, source)
+        check_moved_backbone(cfg, reader.fingerprint["checkpoint"], source)
         spec = reader.spec
-        self.kind, self.fingerprint, self.class_names = "cache", reader.fingerprint, class_names
+        self.kind, self.fingerprint = "cache", reader.fingerprint
         self.in_layers, self.in_dim, self.grid, self.n_samples = spec.feature_layers, spec.dim, spec.grid, len(rows)
         if cfg.refine.static_layers > spec.attn_layers or cfg.refine.rfm_layers > spec.attn_layers:
             raise TrainError(f"refine.static_layers = {cfg.refine.static_layers} and refine.rfm_layers = "
@@ -153,17 +161,14 @@ class OnlineSource:
         if cfg.train.views is not None:
             raise TrainError(f"train.views = {cfg.train.views} selects views of a feature cache; online training "
                              "draws a fresh view every epoch. Leave train.views unset with --online")
-        manifest = read_manifest(manifest_path)
-        classes = class_set(cfg.text.classes)
-        require_classes(manifest.class_names, f"manifest {manifest_path} of dataset {manifest.dataset!r}",
-                        classes.classes, f"text class set {cfg.text.classes!r}", "use the matching preset", TrainError)
-        self.plan: ExtractPlan = make_plan(manifest, cfg.extract)
+        self.plan: ExtractPlan = make_plan(read_manifest(manifest_path), cfg)
+        self.classes = self.plan.classes
         self.backbone = load_backbone(cfg.model, device, model_configs)
-        self.kind, self.class_names, self.n_samples = "online", classes.classes, len(self.plan.images)
+        self.kind, self.n_samples = "online", len(self.plan.images)
         self.fingerprint = cache_fingerprint(cfg, self.plan, self.backbone)
         self.in_layers, self.in_dim = len(cfg.extract.feature_layers), self.backbone.width
         self.grid = crop_grid(cfg.aug.crop, self.backbone.patch_size)
-        self.text = text_embeddings(self.backbone, classes, cfg.text.template)
+        self.text = text_embeddings(self.backbone, self.classes, cfg.text.template)
         self.cfg, self.device = cfg, device
 
     def dataset(self, start: int, stop: int) -> Dataset:
@@ -196,17 +201,3 @@ def _training_rows(reader: CacheReader, views: int | None, cache_path: str | Pat
                              f"per image; choose 1..{stored} (or leave train.views unset to use them all)")
         rows = rows[view < views]
     return np.sort(rows)
-
-
-def _check_cache_matches_config(cfg: Config, fingerprint: dict[str, Any], cache_path: str | Path) -> tuple[str, ...]:
-    """The class names of the cache (from the config's class set, checked against the fingerprint's hash); the
-    normalisation PAR's guide image gets must be the one the backbone saw."""
-    names = class_set(cfg.text.classes).classes
-    if fp.sha256_json(list(names)) != fingerprint.get("classes_sha256"):
-        raise TrainError(f"the feature cache at {cache_path} was extracted for another class list than text class set "
-                         f"{cfg.text.classes!r}; train with the preset the cache was extracted with")
-    if fingerprint.get("normalisation") != cfg.model.normalisation:
-        raise TrainError(f"the feature cache at {cache_path} holds crops normalised with "
-                         f"{fingerprint.get('normalisation')!r} statistics but model.normalisation is "
-                         f"{cfg.model.normalisation!r}; set model.normalisation to the cache's")
-    return names

@@ -25,6 +25,7 @@ from pipeline.training.sources import Source
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "config.json"  # the run's resolved config, readable
 # Config fields that may change between a run and its resumption: they do not change what is computed.
 RESUMABLE_CHANGES = ("train.loader_workers", "train.checkpoint_every")
 
@@ -40,7 +41,7 @@ def save_run_state(out_dir: Path, step: int, cfg: Config, source: Source, decode
           optimizer: torch.optim.Optimizer, scheduler: PolyWarmup) -> None:
     """`step_XXXXXX.pt` and `checkpoint.pt` (the latest), each written atomically."""
     kwargs = dict(decoder=decoder, optimizer=optimizer, scheduler=scheduler, step=step, config=cfg,
-                  fingerprint=source.fingerprint, class_names=source.class_names,
+                  fingerprint=source.fingerprint, classes=source.classes,
                   rng_state=rng_state(next(decoder.parameters()).device))
     save_checkpoint(out_dir / f"step_{step:06d}.pt", **kwargs)
     save_checkpoint(out_dir / CHECKPOINT_NAME, **kwargs)

@@ -15,10 +15,9 @@ from pipeline.training.checkpoint import save_checkpoint
 from pipeline.config import Config
 from pipeline.data.manifest import read_manifest
 from pipeline.model.decoder import WeCLIPDecoder
-from pipeline.extract.plan import all_prompts
 from pipeline.model.backbone import load_backbone
 from pipeline.training.optim import PolyWarmup, build_optimizer
-from pipeline.model.text import class_set
+from pipeline.model.text import manifest_class_set
 from stages import manifest as manifest_stage
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -49,16 +48,18 @@ def make_world(root: Path, images: dict[str, list[int]] = IMAGES) -> Path:
 
 def make_checkpoint(path: Path, cfg: Config, manifest: Path, seed: int = 0, **overrides: Any) -> Path:
     """A checkpoint of a random decoder for cfg's backbone, as `weclip train` writes it (overrides replace
-    save_checkpoint arguments, e.g. class_names or fingerprint)."""
+    save_checkpoint arguments, e.g. classes or fingerprint)."""
     backbone = load_backbone(cfg.model, "cpu", (TINY_CONFIG,))
-    names = class_set(cfg.text.classes).classes
-    rows = read_manifest(manifest).rows
-    fingerprint = fingerprint_from_config(cfg, grid=(20, 20), prompts=all_prompts(cfg), class_names=names,
+    data = read_manifest(manifest)
+    classes = manifest_class_set(data, cfg.text)
+    names, rows = classes.classes, data.rows
+    fingerprint = fingerprint_from_config(cfg, grid=(20, 20), prompts=classes.prompts(cfg.text.template),
+                                          class_names=names,
                                           manifest=[(r.image_id, r.labels) for r in rows],
                                           checkpoint=backbone.identity)
     torch.manual_seed(seed)
     decoder = WeCLIPDecoder(len(cfg.extract.feature_layers), backbone.width, len(names) + 1, cfg.decoder)
     optimizer = build_optimizer(decoder.parameters(), cfg.train)
     kwargs = dict(decoder=decoder, optimizer=optimizer, scheduler=PolyWarmup(optimizer, cfg.train), step=7,
-                  config=cfg, fingerprint=fingerprint, class_names=names, rng_state={"torch": torch.get_rng_state()})
+                  config=cfg, fingerprint=fingerprint, classes=classes, rng_state={"torch": torch.get_rng_state()})
     return save_checkpoint(path, **{**kwargs, **overrides})

@@ -13,6 +13,7 @@ from PIL import Image
 
 from tests.stages import eval_fakes as ef
 
+from pipeline.model.text import class_set
 from pipeline.data.augment import normalise
 from pipeline.training.checkpoint import build_decoder_from_checkpoint, load_checkpoint
 from pipeline.config import WECLIP_CRF
@@ -146,8 +147,8 @@ def test_a_raising_crf_fails_after_its_retries(world, monkeypatch):
 
 
 def test_refuses_a_checkpoint_of_other_classes(world):
-    cfg = world["cfg"].replace(text={"classes": "shapes"})
-    other = ef.make_checkpoint(world["root"] / "shapes.pt", cfg, world["manifest"])
+    other = ef.make_checkpoint(world["root"] / "shapes.pt", world["cfg"], world["manifest"],
+                               classes=class_set("shapes"))
     with pytest.raises(evaluate.EvalError, match="does not have the classes of checkpoint"):
         evaluate.run(other, world["manifest"], world["root"] / "x", progress=False, model_configs=[ef.TINY_CONFIG])
 

@@ -41,15 +41,15 @@ def inline(manifest_path, tmp_path_factory) -> tuple[extract.ExtractSummary, Pat
 
 def test_plan_depends_only_on_manifest_and_config(manifest_path):
     manifest = read_manifest(manifest_path)
-    plan = make_plan(manifest, CFG.extract)
+    plan = make_plan(manifest, CFG)
     tasks = [plan.task(s) for s in range(plan.n_shards)]
     assert (plan.total_samples, plan.n_shards, plan.k_max) == (10, 4, 3)
     assert [s.row for t in tasks for s in t.samples] == list(range(10))
     assert [s.sample_id for t in tasks for s in t.samples] == [f"{i}#{v}" for i in "abcde" for v in (0, 1)]
     assert [s.sample_id for s in tasks[1].samples] == ["b#1", "c#0", "c#1"]  # b's views straddle shards 0 and 1
     assert tasks[3].samples[0].image.labels == (1, 19) and Path(tasks[3].samples[0].image.path).is_absolute()
-    assert plan == make_plan(read_manifest(manifest_path), CFG.replace(extract={"max_retries": 9}).extract)
-    assert make_plan(manifest, CFG.extract, limit=2).total_samples == 4
+    assert plan == make_plan(read_manifest(manifest_path), CFG.replace(extract={"max_retries": 9}))
+    assert make_plan(manifest, CFG, limit=2).total_samples == 4
     with pytest.raises(IndexError, match="outside the plan"):
         plan.task(4)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.model.text import dataset_class_set
 from pipeline.training.checkpoint import CheckpointError, build_decoder_from_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.config import preset
 from pipeline.model.decoder import WeCLIPDecoder
@@ -30,11 +31,12 @@ def _trained(seed: int = 0):
 
 
 RNG_STATE = torch.Generator().manual_seed(3).get_state()
+CLASSES = dataset_class_set(("a", "b", "c", "d"), None)
 
 
 def _save(path, decoder, optimizer, scheduler, step=2):
     return save_checkpoint(path, decoder=decoder, optimizer=optimizer, scheduler=scheduler, step=step, config=CFG,
-                           fingerprint=FINGERPRINT, class_names=("a", "b", "c", "d"), rng_state={"torch": RNG_STATE})
+                           fingerprint=FINGERPRINT, classes=CLASSES, rng_state={"torch": RNG_STATE})
 
 
 def test_round_trip_rebuilds_decoder_optimizer_and_schedule(tmp_path):
