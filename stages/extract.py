@@ -2,19 +2,15 @@
 
 The driver reads the manifest, builds the plan (pipeline/extract/plan.py), loads the backbone once to learn its
 identity and shapes, fingerprints the run, creates (or reopens, to resume) the cache, and then runs every shard
-that has no commit record yet — in this process (`executor="inline"`) or as Ray tasks (`executor="ray"`). Each Ray
-worker process loads the model once and reuses it for all its shards; a task whose worker dies is retried
-(`extract.max_retries`), which is safe because shard writes are idempotent and committed last (docs/design.md §3.3).
-Finally the Parquet index is rebuilt from the commit records.
+that has no commit record yet — in this process (`executor="inline"`) or as Ray tasks (`executor="ray"`,
+`pipeline/extract/ray_runner.py`). Finally the Parquet index is rebuilt from the commit records.
 """
 from __future__ import annotations
 
-import logging
-import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from tqdm import tqdm
@@ -22,16 +18,14 @@ from tqdm import tqdm
 from pipeline.cache.store import CacheWriter
 from pipeline.config import Config
 from pipeline.data.manifest import read_manifest
-from pipeline.errors import ConfigError, ExtractError
+from pipeline.errors import ConfigError
 from pipeline.extract.plan import ShardTask, cache_layout, make_plan
+from pipeline.extract.ray_runner import run_ray
 from pipeline.extract.worker import ExtractJob, ShardOutcome, run_shard
 from pipeline.files import is_url, local_path
 from pipeline.model.backbone import load_backbone
 
 Executor = Literal["ray", "inline"]
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# Never shipped to a remote Ray cluster with the project code.
-_RAY_EXCLUDES = [".venv/", ".git/", "tests/", "benchmarks/results/", "**/__pycache__/", "*.parquet", "*.zarr/"]
 
 
 @dataclass(frozen=True)
@@ -115,7 +109,7 @@ def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Execu
             for task in tasks:
                 done(run_shard(job, task))
         else:
-            job = _run_ray(job, tasks, ray_address, done)
+            job = run_ray(job, tasks, ray_address, done)
     extract_seconds = time.perf_counter() - extract_start
     tables = writer.finalize()
     shards = tables.shards.to_pylist()
@@ -133,47 +127,3 @@ def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Execu
 def _cache_root(out: str | Path) -> str:
     """An fsspec URL as given; a local path made absolute (workers may have another working directory)."""
     return str(out) if is_url(out) else str(local_path(out).resolve())
-
-
-def _run_ray(job: ExtractJob, tasks: Sequence[ShardTask], address: str | None,
-             done: Callable[[ShardOutcome], None]) -> ExtractJob:
-    """Run the shard tasks as Ray tasks; returns the job as the workers ran it (device set)."""
-    import ray
-
-    own = not ray.is_initialized()
-    if own:
-        ray.init(**ray_init_kwargs(address))
-    try:
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= job.cfg.extract.gpus_per_task > 0
-        job = replace(job, device="cuda" if use_gpu else "cpu")
-        remote = ray.remote(run_shard).options(num_cpus=job.cfg.extract.cpus_per_task,
-                                             num_gpus=job.cfg.extract.gpus_per_task if use_gpu else 0,
-                                             max_retries=job.cfg.extract.max_retries)
-        job_ref = ray.put(job)
-        running = {remote.remote(job_ref, task): task.shard for task in tasks}
-        while running:
-            ready, _ = ray.wait(list(running), num_returns=1)
-            shard = running.pop(ready[0])
-            try:
-                done(ray.get(ready[0]))
-            except Exception as err:
-                raise ExtractError(f"extract shard {shard} of {job.out} failed: {err}. Committed shards are kept; "
-                                   "fix the cause and rerun the same command to resume") from err
-    finally:
-        if own:
-            ray.shutdown()
-    return job
-
-
-def ray_init_kwargs(address: str | None) -> dict[str, Any]:
-    """A quiet local Ray sized to this machine, or a connection to the cluster at `address`.
-
-    Workers import `pipeline` and `stages`: locally through PYTHONPATH (same files), on a cluster by shipping the
-    project folder as the job's working_dir.
-    """
-    quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
-    if address is None:
-        path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
-        return {"num_cpus": os.cpu_count(), "include_dashboard": False,
-                "runtime_env": {"env_vars": {"PYTHONPATH": path}}, **quiet}
-    return {"address": address, "runtime_env": {"working_dir": str(PROJECT_ROOT), "excludes": _RAY_EXCLUDES}, **quiet}

@@ -1,11 +1,15 @@
 """Shared fixtures: a tiny random open_clip ViT (tests/tiny-vit.json: patch 16, 3 blocks, width 64, embed 32)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
+
+# Every Ray a test starts binds to 127.0.0.1 only (by default Ray on Linux binds the primary interface).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from pipeline.model.backbone import FrozenCLIP, register_model_configs
 

@@ -9,6 +9,7 @@ import torch
 
 from tests.stages import extract_fakes as xf
 
+from pipeline.extract import ray_runner
 from stages import extract
 
 
@@ -39,7 +40,7 @@ def test_ray_retries_a_shard_whose_worker_was_killed(tmp_path):
     cfg = xf.tiny_config(cpus_per_task=torch.get_num_threads())
     extract.run(cfg, manifest, tmp_path / "inline", executor="inline", progress=False, model_configs=[xf.TINY_CONFIG])
     marker = tmp_path / "a-worker-died"
-    kwargs = extract.ray_init_kwargs(None)
+    kwargs = ray_runner.ray_init_kwargs(None)
     env = kwargs["runtime_env"]["env_vars"]
     env[xf.DIE_ENV] = f"1:after_some_arrays:{marker}"
     kwargs["runtime_env"]["worker_process_setup_hook"] = "tests.stages.extract_fakes.ray_worker_setup"
@@ -51,6 +52,32 @@ def test_ray_retries_a_shard_whose_worker_was_killed(tmp_path):
     finally:
         ray.shutdown()
     assert marker.exists() and summary.shards_written == 4
+    sums, index = xf.checksums(tmp_path / "ray")
+    expected_sums, expected_index = xf.checksums(tmp_path / "inline")
+    assert sums == expected_sums and index.equals(expected_index)
+
+
+def test_a_driver_with_ray_address_joins_that_cluster(tmp_path, monkeypatch):
+    """`ray job submit` runs the driver with RAY_ADDRESS set: extract joins that cluster without passing resources
+    (Ray refuses them then), on 127.0.0.1 only, and writes the inline cache."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    manifest = xf.make_dataset(tmp_path)
+    cfg = xf.tiny_config(cpus_per_task=torch.get_num_threads())
+    extract.run(cfg, manifest, tmp_path / "inline", executor="inline", progress=False, model_configs=[xf.TINY_CONFIG])
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    try:
+        monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+        assert "num_cpus" not in ray_runner.ray_init_kwargs(None)
+        summary = extract.run(cfg, manifest, tmp_path / "ray", executor="ray", progress=False,
+                              model_configs=[xf.TINY_CONFIG])
+        ray.init(address=cluster.address, logging_level="error")
+        assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+        ray.shutdown()
+    finally:
+        cluster.shutdown()
+    assert summary.shards_written == 4
     sums, index = xf.checksums(tmp_path / "ray")
     expected_sums, expected_index = xf.checksums(tmp_path / "inline")
     assert sums == expected_sums and index.equals(expected_index)
