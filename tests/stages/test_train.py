@@ -318,3 +318,19 @@ def test_tensorboard_without_the_package_names_the_extra(world, tmp_path, monkey
     with pytest.raises(ConfigError, match=r"weclip\[tensorboard\]"):
         train.run(world["cfg"].replace(train={"tensorboard": True}), world["cache"], tmp_path / "x", max_steps=1,
                   progress=False)
+
+
+def test_cli_val_validates_every_checkpoint_unless_told(monkeypatch, tmp_path):
+    import cli
+    calls = []
+    monkeypatch.setattr(train, "run", lambda cfg, cache, out, **kw: calls.append((cfg, kw)) or {"ok": 1})
+    monkeypatch.setattr(cli, "_print", lambda summary: None)
+    base = ["train", "-o", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), "--preset", "shapes"]
+    for extra in (["--val", "v.parquet"], ["--val", "v.parquet", "--set", "train.val_every=7"], []):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(base + extra)
+        assert exit_info.value.code == 0
+    (with_val, kw), (told, _), (without, kw_none) = calls
+    assert with_val.train.val_every == preset("shapes").train.checkpoint_every and kw["val_manifest"] == Path("v.parquet")
+    assert told.train.val_every == 7
+    assert without.train.val_every == 0 and kw_none["val_manifest"] is None
