@@ -16,12 +16,13 @@ import torch
 from pipeline.config import Config
 from pipeline.data.manifest import read_manifest
 from pipeline.errors import TrainError
-from pipeline.inference.predict import Predictor, check_classes, read_gt, read_rgb
+from pipeline.inference.predict import Predictor, read_gt, read_rgb
 from pipeline.inference.segment import segment_fn
 from pipeline.metrics import ConfusionMatrix
 from pipeline.model.backbone import load_backbone
 from pipeline.model.decoder import WeCLIPDecoder
 from pipeline.model.protocol import CLIPBackbone
+from pipeline.model.text import require_classes
 from pipeline.training.checkpoint import Checkpoint, decoder_args
 
 
@@ -33,6 +34,9 @@ class Validator:
                  decoder: WeCLIPDecoder, backbone: CLIPBackbone | None, device: torch.device,
                  model_configs: Sequence[str | Path] = ()):
         self.data = read_manifest(manifest_path)
+        require_classes(self.data.class_names, f"val manifest {self.data.path} of dataset {self.data.dataset!r}",
+                        class_names, f"text class set {cfg.text.classes!r} the run trains on",
+                        "validate on a manifest of the training dataset's classes", TrainError)
         unlabelled = [r.image_id for r in self.data.rows if r.mask_path is None]
         if unlabelled:
             raise TrainError(f"val manifest {self.data.path} has {len(unlabelled)} images without a mask (e.g. "
@@ -47,7 +51,6 @@ class Validator:
         record = Checkpoint(path=Path("<decoder in training>"), step=0, decoder_state={},
                             decoder_args=decoder_args(decoder), optimizer_state={}, scheduler_state={}, config=cfg,
                             fingerprint=fingerprint, class_names=tuple(class_names), rng_state={})
-        check_classes(record, self.data)
         self.predictor = Predictor(record, backbone, decoder, segment_fn(backbone, decoder, cfg.extract.feature_layers))
         self.cfg = cfg
 

@@ -1,6 +1,7 @@
 """stages/train.py on a tiny world: shapes images → manifest → feature cache (tiny random ViT, extract inline)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -15,6 +16,7 @@ from pipeline.cache.schema import CacheSpec
 from pipeline.cache.store import CacheReader, CacheWriter, NotACache
 from pipeline.training.checkpoint import build_decoder_from_checkpoint, load_checkpoint
 from pipeline.config import Config, preset
+from pipeline.data.manifest import read_manifest, write_manifest
 from pipeline.errors import ConfigError
 from pipeline.data.shapes import generate
 from pipeline.model.text import SHAPES_CLASSES
@@ -334,3 +336,23 @@ def test_cli_val_validates_every_checkpoint_unless_told(monkeypatch, tmp_path):
     assert with_val.train.val_every == preset("shapes").train.checkpoint_every and kw["val_manifest"] == Path("v.parquet")
     assert told.train.val_every == 7
     assert without.train.val_every == 0 and kw_none["val_manifest"] is None
+
+
+def test_validation_refuses_a_manifest_of_other_classes_or_without_masks(world, tmp_path):
+    from tests.stages import eval_fakes as ef
+    voc = ef.make_world(tmp_path / "voc")  # VOC classes, the run trains on the shapes class set
+    with pytest.raises(train.TrainError, match=r"val manifest .* does not have the classes of text class set 'shapes'"):
+        train.run(val_config(world), world["cache"], tmp_path / "a", max_steps=1, progress=False, val_manifest=voc)
+    data = read_manifest(world["manifest"])
+    unlabelled = write_manifest(tmp_path / "unlabelled.parquet",
+                                [dataclasses.replace(r, mask_path=None) for r in data.rows], dataset=data.dataset,
+                                class_names=data.class_names, root=data.root, command="test", class_set=data.class_set)
+    with pytest.raises(train.TrainError, match="without a mask"):
+        train.run(val_config(world), world["cache"], tmp_path / "b", max_steps=1, progress=False,
+                  val_manifest=unlabelled)
+
+
+def test_validation_refuses_a_backbone_other_than_the_caches(world, tmp_path):
+    other = val_config(world).replace(model={"init_seed": 1})  # the cache's features came from init_seed 0
+    with pytest.raises(train.TrainError, match="validate with the backbone the cache was made with"):
+        train.run(other, world["cache"], tmp_path / "a", max_steps=1, progress=False, val_manifest=world["manifest"])
