@@ -356,3 +356,27 @@ def test_validation_refuses_a_backbone_other_than_the_caches(world, tmp_path):
     other = val_config(world).replace(model={"init_seed": 1})  # the cache's features came from init_seed 0
     with pytest.raises(train.TrainError, match="validate with the backbone the cache was made with"):
         train.run(other, world["cache"], tmp_path / "a", max_steps=1, progress=False, val_manifest=world["manifest"])
+
+
+def test_online_validation_uses_the_sources_backbone(world, tmp_path):
+    cfg = val_config(world).replace(decoder={"dropout": 0.0}, train={"train_flip": False})
+    online = train.run(cfg, None, tmp_path / "online", online_manifest=world["manifest"], max_steps=2,
+                       progress=False, model_configs=[TINY_CONFIG], val_manifest=world["manifest"])
+    cached = train.run(cfg, world["cache"], tmp_path / "cached", max_steps=2, progress=False,
+                       val_manifest=world["manifest"])
+    assert online.best_step == cached.best_step == 2
+    assert online.best_val_miou == pytest.approx(cached.best_val_miou, abs=1e-3)  # the same decoder up to float noise
+
+
+def test_tensorboard_of_a_resumed_run_drops_the_killed_runs_later_events(world, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg, out = world["cfg"].replace(train={"tensorboard": True}), tmp_path / "board"
+    train.run(cfg, world["cache"], out, max_steps=3, progress=False)
+    shutil.copyfile(out / "step_000002.pt", out / "checkpoint.pt")  # killed after step 3 was logged
+    train.run(cfg, world["cache"], out, resume=True, max_steps=4, progress=False)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    loss = events.Scalars("loss/total")
+    assert [e.step for e in loss] == [0, 1, 2, 3]
+    assert [e.value for e in loss] == pytest.approx([x["loss"] for x in metrics(out)], rel=1e-6)
