@@ -118,21 +118,21 @@ def legend_entries(panels: dict[str, np.ndarray], class_names: Sequence[str] = (
 
 
 def _clipped(draw: ImageDraw.ImageDraw, text: str, width: float, font: ImageFont.ImageFont) -> str:
-    """`text`, cut with '…' where it would run past `width` pixels."""
+    """`text`, cut with '...' where it would run past `width` pixels."""
     if draw.textlength(text, font=font) <= width:
         return text
-    while text and draw.textlength(text + "…", font=font) > width:
+    while text and draw.textlength(text + "...", font=font) > width:
         text = text[:-1]
-    return text + "…"
+    return text + "..."
 
 
 def _draw_legend(draw: ImageDraw.ImageDraw, entries: Sequence[tuple[int, str, tuple[int, int, int]]], x: int,
                  y: int, right: int, font: ImageFont.ImageFont) -> None:
-    """Swatch + name per entry on one line from x to `right`; what does not fit ends in '…'."""
+    """Swatch + name per entry on one line from x to `right`; what does not fit ends in '...'."""
     for _, name, colour in entries:
         width = 14 + draw.textlength(name, font=font) + 8
         if x + width > right:
-            draw.text((x, y), "…", fill=INK, font=font)
+            draw.text((x, y), "...", fill=INK, font=font)
             return
         draw.rectangle((x, y + 1, x + 9, y + 10), fill=colour, outline=MUTED)
         draw.text((x + 14, y), name, fill=INK, font=font)
