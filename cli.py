@@ -145,6 +145,8 @@ def train(
     rfm_filter: Optional[str] = typer.Option(None, help="RFM layer filter: signed (released code) or abs (paper Eq. 5)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
     set_: Optional[list[str]] = SetOpt,
+    val: Optional[Path] = typer.Option(None, "--val", help="Val manifest (with masks), scored every train.val_every "
+                                       "steps (with --val, default train.checkpoint_every); the best: best.pt."),
 ) -> None:
     """Train the decoder with RFM + PAR from the cache (or --online, the released code's way)."""
     from stages import train as stage
@@ -156,9 +158,11 @@ def train(
         cfg = cfg.replace(refine={"rfm_filter": rfm_filter})
     if (cache is None) == (online is None):
         raise typer.BadParameter("give exactly one of --cache and --online")
+    if val is not None and not cfg.train.val_every:
+        cfg = cfg.replace(train={"val_every": cfg.train.checkpoint_every})
     explicit = [item.partition("=")[0].strip() for item in set_ or []]  # the rest of a cache's settings is its own
     _print(stage.run(cfg, cache, out, resume=resume, online_manifest=online, max_steps=max_steps, device=device,
-                     explicit=explicit))
+                     explicit=explicit, val_manifest=val))
 
 
 @app.command()
@@ -219,11 +223,24 @@ def pseudo(
 def plot(
     metrics: Path = typer.Argument(..., help="metrics.jsonl of a training run."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG path (default: next to the metrics file)."),
+    smooth: float = typer.Option(0.0, "--smooth", min=0.0, max=0.999, help="EMA weight of the drawn curves, "
+                                 "0 (raw) to 0.999; the raw values stay as a faint line."),
 ) -> None:
-    """Plot the loss terms and learning rate of a training run to a PNG."""
+    """Plot the loss terms, learning rate and validation mIoU of a training run to a PNG, the RFM switch marked."""
     from pipeline.visualize import plot_metrics
 
-    typer.echo(str(plot_metrics(metrics, out)))
+    typer.echo(str(plot_metrics(metrics, out, smooth=smooth)))
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint of `weclip train` (checkpoint.pt, step_*.pt, best.pt)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Weights file to write, e.g. model.safetensors."),
+) -> None:
+    """Weights-only export (decoder, config, fingerprint, class names) that evaluate / infer / pseudo accept."""
+    from stages import export as stage
+
+    _print(stage.run(checkpoint, out))
 
 
 @app.command()

@@ -256,6 +256,9 @@ class TrainConfig(Section):
     loader_workers: NonNegInt = 2  # DataLoader processes that read the cache (0 = in the training process)
     train_flip: bool = False  # extra h-flip at train time, applied consistently to every cached array
     views: PosInt | None = None  # train on views 0..views-1 of each cached image (None: all the cache holds)
+    tensorboard: bool = False  # also log the step metrics to <run>/tensorboard/ (needs the `tensorboard` package)
+    val_every: NonNegInt = 0  # validation mIoU on a val manifest every this many steps, best kept as best.pt (0: off)
+    keep_checkpoints: NonNegInt = 0  # keep only the newest this many step_XXXXXX.pt (0: keep all)
 
 
 @dataclass(frozen=True)

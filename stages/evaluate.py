@@ -25,7 +25,7 @@ from pipeline.inference.report import GRID_NAME, REPORT_JSON, REPORT_MD, markdow
 from pipeline.metrics import ConfusionMatrix
 from pipeline.model.backbone import default_device
 from pipeline.palette import colorize, save_label_png
-from pipeline.visualize import GRID_COLUMNS, save_sample_grid
+from pipeline.visualize import GRID_COLUMNS, cam_captions, save_sample_grid
 
 PREDICTIONS_DIR = "predictions"
 
@@ -94,14 +94,15 @@ def run(checkpoint: str | Path, manifest: str | Path, out_dir: str | Path, cfg: 
     names = predictor.class_names
     cm = ConfusionMatrix(len(names))
     pred_dir = out_dir / PREDICTIONS_DIR if save_predictions else None
-    grid_rows: dict[int, tuple[str, dict[str, np.ndarray]]] = {}
+    grid_rows: dict[int, tuple[str, dict[str, np.ndarray], dict[str, str]]] = {}
     rows = list(enumerate(data.rows))
 
     def predict(item: tuple[int, ManifestRow]) -> np.ndarray | CrfJob:
         index, row = item
         rgb = read_rgb(data, row)
         if index < visualize:
-            grid_rows[index] = (row.image_id, cam_panels_of(predictor, rgb, row.labels, cfg))
+            grid_rows[index] = (row.image_id, cam_panels_of(predictor, rgb, row.labels, cfg),
+                                cam_captions(row.labels, names))
         return predictor.predict(row.image_id, rgb, cfg, crf)
 
     counted = 0
@@ -120,7 +121,8 @@ def run(checkpoint: str | Path, manifest: str | Path, out_dir: str | Path, cfg: 
         raise EvalError(f"scored {counted} images but the manifest has {len(data)}; the report would be incomplete")
     grid_path = None
     if grid_rows:
-        grid_path = save_sample_grid(out_dir / GRID_NAME, [grid_rows[i] for i in sorted(grid_rows)], GRID_COLUMNS)
+        grid_path = save_sample_grid(out_dir / GRID_NAME, [grid_rows[i] for i in sorted(grid_rows)], GRID_COLUMNS,
+                                     class_names=names)
     seconds = time.perf_counter() - started
     scores = score_dict(cm, names)
     report = EvalReport(

@@ -34,7 +34,7 @@ from pipeline.metrics import ConfusionMatrix
 from pipeline.model.backbone import default_device
 from pipeline.model.text import manifest_class_set
 from pipeline.palette import colorize, save_label_png
-from pipeline.visualize import GRID_COLUMNS, save_sample_grid
+from pipeline.visualize import GRID_COLUMNS, cam_captions, save_sample_grid
 
 Source = Literal["clip-es", "weclip"]
 SOURCES: tuple[str, ...] = ("clip-es", "weclip")
@@ -135,13 +135,13 @@ def run(manifest: str | Path, out_dir: str | Path, cfg: Config | None = None, so
                 row_panels = {**panels.pop(row.image_id, {"image": rgb}), column: colorize(labels)}
                 if gt is not None:
                     row_panels["ground truth"] = colorize(gt)
-                grid_rows[index] = (row.image_id, row_panels)
+                grid_rows[index] = (row.image_id, row_panels, cam_captions(row.labels, names))
             written += 1
             bar.update(1)
     if written != len(data):
         raise EvalError(f"wrote {written} pseudo masks but the manifest has {len(data)} images")
-    grid = save_sample_grid(out_dir / GRID_NAME, [grid_rows[i] for i in sorted(grid_rows)], GRID_COLUMNS) \
-        if grid_rows else None
+    grid = save_sample_grid(out_dir / GRID_NAME, [grid_rows[i] for i in sorted(grid_rows)], GRID_COLUMNS,
+                            class_names=names) if grid_rows else None
     seconds = time.perf_counter() - started
     scores = score_dict(cm, names)
     report = PseudoReport(

@@ -2,13 +2,15 @@
 
 Composes `pipeline.training`: a Source (cache or online), the data order of `schedule`, one `train_step` per
 global step, and the run state of `state` (atomic checkpoints every `train.checkpoint_every` steps, exact resume,
-`metrics.jsonl`). The data of step s is a pure function of (config, s); the only other randomness is dropout,
-whose generator state is saved in every checkpoint (and the DataLoader gets its own generator, so it never draws
-from the global one). `resume=True` continues `out_dir/checkpoint.pt` with exactly the batches and losses of an
-uninterrupted run.
+`metrics.jsonl`, optionally TensorBoard events, a validation mIoU every `train.val_every` steps with the best
+checkpoint kept as `best.pt`). The data of step s is a pure function of (config, s); the only other randomness is
+dropout, whose generator state is saved in every checkpoint (and the DataLoader gets its own generator, so it never
+draws from the global one). `resume=True` continues `out_dir/checkpoint.pt` with exactly the batches and losses of an
+uninterrupted run; validation forks and restores the RNG states, so it leaves the losses as they are.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -31,7 +33,10 @@ from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.optim import PolyWarmup, build_optimizer
 from pipeline.training.schedule import batch_positions
 from pipeline.training.sources import CachedSource, OnlineSource, Source
-from pipeline.training.state import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, open_metrics, restore_run_state, save_run_state
+from pipeline.training.logger import TensorBoardLog
+from pipeline.training.state import (BEST_NAME, CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, best_so_far, open_metrics,
+                                     restore_run_state, save_best, save_run_state)
+from pipeline.training.validation import Validator
 from pipeline.training.step import train_step
 
 
@@ -49,6 +54,9 @@ class TrainSummary:
     rfm_on: bool  # whether RFM was active at the last step
     checkpoint: str
     metrics: str
+    best_step: int | None = None  # the checkpoint step of the best validation mIoU (train.val_every), if any
+    best_val_miou: float | None = None
+    best_checkpoint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,13 +68,15 @@ class TrainSummary:
             f"trained {self.steps_run} steps ({self.start_step} -> {self.final_step}) from the {self.source} "
             f"(fingerprint {self.fingerprint[:16]}) on {self.device}",
             f"  last loss {loss}, {speed}, RFM {'on' if self.rfm_on else 'off'}",
-            f"  checkpoint {self.checkpoint}", f"  metrics {self.metrics}"])
+            f"  checkpoint {self.checkpoint}", f"  metrics {self.metrics}"]
+            + ([] if self.best_step is None else
+               [f"  best val mIoU {100 * self.best_val_miou:.2f} at step {self.best_step}: {self.best_checkpoint}"]))
 
 
 def run(cfg: Config, cache_path: str | Path | None, out_dir: str | Path, resume: bool = False,
         online_manifest: str | Path | None = None, max_steps: int | None = None, progress: bool = True,
         device: str | None = None, model_configs: Sequence[str | Path] = (),
-        explicit: Iterable[str] | None = None) -> TrainSummary:
+        explicit: Iterable[str] | None = None, val_manifest: str | Path | None = None) -> TrainSummary:
     """Train the decoder for `cfg.train.iterations` steps (or up to global step `max_steps`, if smaller).
 
     cache_path: the feature cache (ignored with `online_manifest`, which trains online from that manifest).
@@ -76,7 +86,8 @@ def run(cfg: Config, cache_path: str | Path | None, out_dir: str | Path, resume:
     register for the online backbone (e.g. a test's tiny ViT). explicit: the dotted config fields the user set
     (--set / --config); from a cache, the settings it fixes (model, text, aug, extract) are taken from it, and one
     of them set to another value is an error (None: every field of `cfg` counts as set). The run's resolved config
-    is written to `out_dir/config.json`.
+    is written to `out_dir/config.json`. val_manifest: a manifest with masks, scored every `train.val_every` steps
+    (`val_miou` in metrics.jsonl, the best checkpoint as `best.pt`).
     """
     out_dir = Path(out_dir)
     dev = default_device(device)
@@ -106,10 +117,13 @@ def run(cfg: Config, cache_path: str | Path | None, out_dir: str | Path, resume:
     loader = DataLoader(source.dataset(start, max(start, end)), batch_size=None, shuffle=False,
                         num_workers=cfg.train.loader_workers, pin_memory=dev.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.train.seed))
+    validator = _validator(cfg, val_manifest, source, decoder, dev, model_configs)
+    best = best_so_far(metrics_path)  # a resumed run continues the best of the steps it keeps
+    board = TensorBoardLog(out_dir, start) if cfg.train.tensorboard else None
     last: dict[str, Any] | None = None
     times: list[float] = []
     bar = tqdm(total=max(0, end - start), desc=f"train ({source.kind})", unit="step", disable=not progress)
-    with bar, open(metrics_path, "a") as metrics_file:
+    with bar, open(metrics_path, "a") as metrics_file, board or contextlib.nullcontext():
         tick = time.perf_counter()
         for item in loader:
             step = int(item["step"])
@@ -121,11 +135,20 @@ def run(cfg: Config, cache_path: str | Path | None, out_dir: str | Path, resume:
                         data_s=data_s)
             tick = now
             times.append(last["s_per_step"])
+            done = step + 1
+            if validator is not None and done % cfg.train.val_every == 0:
+                last["val_miou"] = validator.miou()
+                tick = time.perf_counter()
+                last["val_s"] = tick - now
             metrics_file.write(json.dumps(last) + "\n")
             metrics_file.flush()
-            done = step + 1
+            if board is not None:
+                board.log(last)
             if done % cfg.train.checkpoint_every == 0 or done == end:
                 save_run_state(out_dir, done, cfg, source, decoder, optimizer, scheduler)
+            if last.get("val_miou") is not None and (best is None or last["val_miou"] > best[1]):
+                best = (done, last["val_miou"])
+                save_best(out_dir, done, cfg, source, decoder, optimizer, scheduler)
             bar.set_postfix(loss=f"{last['loss']:.4f}", rfm="on" if last["rfm"] else "off")
             bar.update(1)
     final = max(start, end)
@@ -136,4 +159,20 @@ def run(cfg: Config, cache_path: str | Path | None, out_dir: str | Path, resume:
                         last_loss=None if last is None else last["loss"],
                         mean_s_per_step=float(np.mean(times)) if times else None,
                         rfm_on=rfm_active(final - 1, cfg.refine) if final else False,
-                        checkpoint=str(latest), metrics=str(metrics_path))
+                        checkpoint=str(latest), metrics=str(metrics_path),
+                        best_step=None if best is None else best[0], best_val_miou=None if best is None else best[1],
+                        best_checkpoint=None if best is None else str(out_dir / BEST_NAME))
+
+
+def _validator(cfg: Config, val_manifest: str | Path | None, source: Source, decoder: WeCLIPDecoder,
+               device: torch.device, model_configs: Sequence[str | Path]) -> Validator | None:
+    """The validation of `train.val_every` (online: the source's backbone; cached: the config's, loaded here)."""
+    if (val_manifest is None) != (cfg.train.val_every == 0):
+        raise TrainError(f"train.val_every = {cfg.train.val_every} and val manifest {val_manifest}: validation needs "
+                         "both; give a val manifest (--val) with train.val_every > 0 (--set train.val_every=N), or "
+                         "neither")
+    if val_manifest is None:
+        return None
+    backbone = source.backbone if isinstance(source, OnlineSource) else None
+    return Validator(val_manifest, cfg, source.fingerprint, source.classes, decoder, backbone, device,
+                     model_configs)

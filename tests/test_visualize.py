@@ -10,8 +10,9 @@ from PIL import Image
 
 from pipeline.data.images import load_mask
 from pipeline.palette import VOC_COLORMAP, colorize, save_label_png
-from pipeline.visualize import (BAND, CELL, PLOT_MARGIN, PLOT_SIZE, SERIES_COLOURS, cam_panels, heatmap, overlay, plot_metrics,
-                                read_metrics, sample_grid)
+from pipeline.visualize import (BAND, CELL, MARKER, PLOT_MARGIN, PLOT_SIZE, SERIES_COLOURS, cam_captions, cam_panels, ema,
+                                heatmap, label_ids, legend_entries, overlay, plot_metrics, read_metrics, rfm_switch_step,
+                                sample_grid, step_ticks)
 
 # The VOC devkit colours of a few indices, written out by hand.
 KNOWN_COLOURS = {0: (0, 0, 0), 1: (128, 0, 0), 2: (0, 128, 0), 3: (128, 128, 0), 7: (128, 128, 128),
@@ -137,3 +138,96 @@ def test_read_metrics_errors_name_the_file(tmp_path):
     stepless.write_text('{"loss": 1}\n')
     with pytest.raises(ValueError, match="no 'step'"):
         plot_metrics(stepless)
+
+
+def test_ema_smooths_and_keeps_gaps():
+    assert ema([1.0, None, 3.0, 5.0], 0.5) == [1.0, None, 2.0, 3.5]
+    assert ema([4.0, 2.0, None], 0.0) == [4.0, 2.0, None]
+    assert ema([None, 2.0, 4.0], 0.75) == [None, 2.0, 2.5]
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        ema([1.0], 1.0)
+
+
+def test_rfm_switch_step_is_the_first_step_with_rfm_on(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    write_metrics(metrics)
+    assert rfm_switch_step(read_metrics(metrics)) == 21.0  # rfm = step > 20
+    assert rfm_switch_step([{"step": 0, "rfm": False}, {"step": 1, "rfm": False}]) is None
+    assert rfm_switch_step([{"step": 5, "rfm": True}, {"step": 6, "rfm": True}]) is None  # switched before these
+
+
+def test_step_ticks_are_round_and_inside_the_range():
+    assert step_ticks(0, 49) == [0, 10, 20, 30, 40]
+    assert step_ticks(0, 30000) == [0, 10000, 20000, 30000]
+    assert step_ticks(1500, 2600) == [1500, 2000, 2500]  # 1100 / 5 = 220 → every 500
+    assert step_ticks(3, 3) == [3]
+
+
+def test_plot_marks_the_rfm_switch_smooths_and_adds_the_val_panel(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    write_metrics(metrics)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    for r in records:
+        if r["step"] % 10 == 9:
+            r["val_miou"] = 0.3 + r["step"] / 100
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = plot_metrics(metrics, tmp_path / "smooth.png", smooth=0.9)
+    with Image.open(out) as im:
+        assert im.size == (PLOT_SIZE[0], 3 * PLOT_SIZE[1])  # losses, lr, validation mIoU
+        pixels = np.array(im.convert("RGB"))
+    left, right = PLOT_MARGIN[0], PLOT_SIZE[0] - PLOT_MARGIN[2]
+    switch_x = round(left + 21 / 49 * (right - left))
+    top = pixels[:PLOT_SIZE[1]]
+    marker = (top == MARKER).all(axis=-1)
+    assert marker[:, switch_x - 1:switch_x + 2].sum() > 20 and not marker[:, left + 5:switch_x - 5].any()
+    faint = tuple(round(255 - 0.3 * (255 - c)) for c in SERIES_COLOURS[0])
+    assert (top == faint).all(axis=-1).sum() > 20  # the raw loss under its EMA
+    val = pixels[2 * PLOT_SIZE[1]:]
+    assert (val == SERIES_COLOURS[0]).all(axis=-1).sum() > 50
+    blue = (val == SERIES_COLOURS[0]).all(axis=-1)
+    assert not blue[:, left + 2:round(left + 8 / 49 * (right - left))].any()  # first val at step 9: shared x axis
+
+
+def test_cam_captions_name_the_classes_of_the_cams():
+    names = ("background", "cat", "dog", "bird")
+    assert cam_captions([1, 0], names) == {"CAM": "dog + cat", "refined CAM": "dog + cat"}
+    assert cam_captions([], names)["CAM"] == "no class"
+    assert cam_captions([7], names)["CAM"] == "class 7"
+
+
+def test_legend_entries_are_the_labels_present_in_the_label_panels():
+    gt = np.array([[0, 2], [255, 2]])
+    prediction = np.array([[0, 3], [0, 0]])
+    panels = {"image": colorize(np.array([[5, 6]])), "ground truth": colorize(gt), "prediction": colorize(prediction)}
+    assert label_ids(colorize(gt)) == [0, 2, 255]
+    names = ("background", "cat", "dog", "bird")
+    assert legend_entries(panels, names) == [(0, "background", KNOWN_COLOURS[0]), (2, "dog", KNOWN_COLOURS[2]),
+                                             (3, "bird", KNOWN_COLOURS[3]), (255, "ignore", KNOWN_COLOURS[255])]
+    assert [e[1] for e in legend_entries(panels)] == ["0", "2", "3", "ignore"]  # without names: the numbers
+    assert legend_entries({"image": colorize(gt)}) == []  # the image column is no label map
+
+
+def test_sample_grid_draws_the_legend_and_captions_in_the_row_band():
+    gt = colorize(np.array([[0, 1], [1, 1]]))
+    rows = [("one", {"image": gt, "CAM": gt, "ground truth": gt}, cam_captions([0], ("background", "plane")))]
+    grid = np.array(sample_grid(rows, ["image", "CAM", "ground truth"], ("background", "plane")))
+    assert grid.shape == (BAND + BAND + CELL[1], 3 * CELL[0], 3)  # the legend takes no extra room
+    band = grid[BAND:2 * BAND]
+    legend = band[:, 2 * CELL[0]:]
+    assert (legend == KNOWN_COLOURS[1]).all(axis=-1).sum() >= 64  # a 10×10 swatch of class 1
+    assert not (band[:, :2 * CELL[0]] == KNOWN_COLOURS[1]).all(axis=-1).any()
+    bare = np.array(sample_grid([(title, panels) for title, panels, _ in rows], ["image", "CAM", "ground truth"]))
+    assert (band[:, CELL[0]:2 * CELL[0]] != bare[BAND:2 * BAND, CELL[0]:2 * CELL[0]]).any()  # the CAM caption
+
+
+def test_cli_plot_smooths(tmp_path):
+    import cli
+    metrics = tmp_path / "metrics.jsonl"
+    write_metrics(metrics)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["plot", str(metrics), "-o", str(tmp_path / "a.png"), "--smooth", "0.8"])
+    assert exit_info.value.code == 0
+    with Image.open(tmp_path / "a.png") as im:
+        pixels = np.array(im.convert("RGB"))
+    faint = tuple(round(255 - 0.3 * (255 - c)) for c in SERIES_COLOURS[0])
+    assert (pixels == faint).all(axis=-1).any()  # smoothed: the raw curve drawn faint

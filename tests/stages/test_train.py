@@ -1,8 +1,10 @@
 """stages/train.py on a tiny world: shapes images → manifest → feature cache (tiny random ViT, extract inline)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +16,11 @@ from pipeline.cache.schema import CacheSpec
 from pipeline.cache.store import CacheReader, CacheWriter, NotACache
 from pipeline.training.checkpoint import build_decoder_from_checkpoint, load_checkpoint
 from pipeline.config import Config, preset
+from pipeline.data.manifest import read_manifest, write_manifest
+from pipeline.errors import ConfigError
 from pipeline.data.shapes import generate
 from pipeline.model.text import SHAPES_CLASSES
-from pipeline.training import schedule, sources
+from pipeline.training import schedule, sources, state
 from pipeline.training.step import train_step
 from stages import extract, manifest, train
 
@@ -196,3 +200,183 @@ def test_data_order_is_a_function_of_seed_and_epoch():
     with pytest.raises(train.TrainError, match="cannot fill one batch"):
         schedule.batch_positions(0, 2, 3, 7)
 
+
+
+# --- watching a run: validation mIoU with the best checkpoint, a cap on step files, TensorBoard ---------------------
+
+def val_config(world) -> Config:
+    """The uninterrupted run's settings with a validation every 2 steps at the images' own size."""
+    return world["cfg"].replace(train={"train_flip": True, "val_every": 2}, eval={"long_side": CROP})
+
+
+def decoder_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path).decoder_state
+
+
+@pytest.fixture(scope="module")
+def validated(world):
+    out = world["root"] / "validated"
+    summary = train.run(val_config(world), world["cache"], out, max_steps=6, progress=False,
+                        val_manifest=world["manifest"])
+    return {"out": out, "summary": summary}
+
+
+def test_validation_logs_miou_every_n_steps_and_keeps_the_best(world, uninterrupted, validated):
+    out, summary = validated["out"], validated["summary"]
+    m = metrics(out)
+    assert [x["step"] for x in m if "val_miou" in x] == [1, 3, 5]  # after 2, 4 and 6 steps
+    assert all(0 <= x["val_miou"] <= 1 for x in m if "val_miou" in x)
+    assert trajectory(out) == trajectory(uninterrupted["out"])  # validation changes no loss, flip or dropout mask
+    scores = [(x["val_miou"], x["step"] + 1) for x in m if "val_miou" in x]
+    best_score = max(s for s, _ in scores)
+    best_step = min(step for s, step in scores if s == best_score)  # a tie keeps the earlier checkpoint
+    assert (summary.best_step, summary.best_val_miou) == (best_step, best_score)
+    assert summary.best_checkpoint == str(out / "best.pt") and "best val mIoU" in summary.format()
+    best, at_step = decoder_tensors(out / "best.pt"), decoder_tensors(out / f"step_{best_step:06d}.pt")
+    assert load_checkpoint(out / "best.pt").step == best_step
+    assert best.keys() == at_step.keys() and all(torch.equal(best[k], at_step[k]) for k in best)
+
+
+def test_validation_score_is_the_evaluate_score_of_the_checkpoint(world, validated):
+    """val_miou is what `weclip evaluate` (no CRF, the run's eval settings) reports for that step's checkpoint."""
+    from stages import evaluate
+    report = evaluate.run(validated["out"] / "step_000004.pt", world["manifest"], world["root"] / "eval4",
+                          crf=False, progress=False, model_configs=[TINY_CONFIG])
+    (line,) = [x for x in metrics(validated["out"]) if x["step"] == 3]
+    assert line["val_miou"] == pytest.approx(report.miou, abs=1e-12)
+
+
+def test_kill_and_resume_with_validation_gives_the_uninterrupted_run(world, validated):
+    cfg, out = val_config(world), world["root"] / "validated-killed"
+    train.run(cfg, world["cache"], out, max_steps=3, progress=False, val_manifest=world["manifest"])
+    shutil.copyfile(out / "step_000002.pt", out / "checkpoint.pt")  # killed after step 3 was logged
+    summary = train.run(cfg, world["cache"], out, resume=True, max_steps=6, progress=False,
+                        val_manifest=world["manifest"])
+    strip = ("s_per_step", "data_s", "val_s")
+    assert ([{k: v for k, v in x.items() if k not in strip} for x in metrics(out)]
+            == [{k: v for k, v in x.items() if k not in strip} for x in metrics(validated["out"])])
+    assert (summary.best_step, summary.best_val_miou) == (validated["summary"].best_step,
+                                                          validated["summary"].best_val_miou)
+    a, b = decoder_tensors(out / "best.pt"), decoder_tensors(validated["out"] / "best.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validation_needs_both_the_setting_and_a_manifest(world, tmp_path):
+    with pytest.raises(train.TrainError, match=r"train.val_every = 2 .*--val"):
+        train.run(val_config(world), world["cache"], tmp_path / "a", max_steps=1, progress=False)
+    with pytest.raises(train.TrainError, match=r"train.val_every = 0 and val manifest"):
+        train.run(world["cfg"], world["cache"], tmp_path / "b", max_steps=1, progress=False,
+                  val_manifest=world["manifest"])
+
+
+def test_keep_checkpoints_deletes_the_older_step_files(world, tmp_path):
+    out = tmp_path / "capped"
+    train.run(world["cfg"].replace(train={"keep_checkpoints": 2}), world["cache"], out, max_steps=7, progress=False)
+    assert sorted(p.name for p in out.glob("step_*.pt")) == ["step_000006.pt", "step_000007.pt"]
+    assert load_checkpoint(out / "checkpoint.pt").step == 7
+    # the cap may change on resume (it changes nothing computed); 0 keeps every file again
+    train.run(world["cfg"], world["cache"], out, resume=True, max_steps=10, progress=False)
+    assert sorted(p.name for p in out.glob("step_*.pt")) == ["step_000006.pt", "step_000007.pt", "step_000008.pt",
+                                                             "step_000010.pt"]
+
+
+def test_stale_steps_keeps_the_newest_up_to_the_current_step():
+    assert state.stale_steps([2, 4, 6, 8], current=6, keep=2) == [2]  # step 8 is a killed run's, rewritten later
+    assert state.stale_steps([2, 4, 6], current=6, keep=1) == [2, 4]
+    assert state.stale_steps([2, 4, 6], current=6, keep=0) == []
+    assert state.stale_steps([6], current=6, keep=3) == []
+
+
+def test_resume_refuses_a_weights_only_export(world, tmp_path):
+    from stages import export
+    out = tmp_path / "run"
+    train.run(world["cfg"], world["cache"], out, max_steps=1, progress=False)
+    export.run(out / "checkpoint.pt", tmp_path / "model.safetensors")
+    shutil.copyfile(tmp_path / "model.safetensors", out / "checkpoint.pt")
+    with pytest.raises(train.TrainError, match="weights-only export"):
+        train.run(world["cfg"], world["cache"], out, resume=True, max_steps=2, progress=False)
+
+
+def test_tensorboard_events_hold_the_step_scalars(world, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "board"
+    cfg = val_config(world).replace(train={"tensorboard": True})
+    train.run(cfg, world["cache"], out, max_steps=4, progress=False, val_manifest=world["manifest"])
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/total", "loss/seg", "loss/aff", "train/lr", "train/fg_fraction", "train/rfm", "val/miou"} <= tags
+    m = metrics(out)
+    loss = events.Scalars("loss/total")
+    assert [e.step for e in loss] == [0, 1, 2, 3]
+    assert [e.value for e in loss] == pytest.approx([x["loss"] for x in m], rel=1e-6)
+    assert [e.value for e in events.Scalars("train/rfm")] == [float(x["rfm"]) for x in m]
+    assert [e.step for e in events.Scalars("val/miou")] == [1, 3]
+
+
+def test_tensorboard_without_the_package_names_the_extra(world, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # an import of it raises ImportError
+    with pytest.raises(ConfigError, match=r"weclip\[tensorboard\]"):
+        train.run(world["cfg"].replace(train={"tensorboard": True}), world["cache"], tmp_path / "x", max_steps=1,
+                  progress=False)
+
+
+def test_cli_val_validates_every_checkpoint_unless_told(monkeypatch, tmp_path):
+    import cli
+    calls = []
+    monkeypatch.setattr(train, "run", lambda cfg, cache, out, **kw: calls.append((cfg, kw)) or {"ok": 1})
+    monkeypatch.setattr(cli, "_print", lambda summary: None)
+    base = ["train", "-o", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), "--preset", "shapes"]
+    for extra in (["--val", "v.parquet"], ["--val", "v.parquet", "--set", "train.val_every=7"], []):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(base + extra)
+        assert exit_info.value.code == 0
+    (with_val, kw), (told, _), (without, kw_none) = calls
+    assert with_val.train.val_every == preset("shapes").train.checkpoint_every and kw["val_manifest"] == Path("v.parquet")
+    assert told.train.val_every == 7
+    assert without.train.val_every == 0 and kw_none["val_manifest"] is None
+
+
+def test_validation_refuses_a_manifest_of_other_classes_or_without_masks(world, tmp_path):
+    from tests.stages import eval_fakes as ef
+    voc = ef.make_world(tmp_path / "voc")  # VOC classes, the run trains on the shapes class set
+    with pytest.raises(train.TrainError, match=r"val manifest .* does not have the classes of text class set 'shapes'"):
+        train.run(val_config(world), world["cache"], tmp_path / "a", max_steps=1, progress=False, val_manifest=voc)
+    data = read_manifest(world["manifest"])
+    unlabelled = write_manifest(tmp_path / "unlabelled.parquet",
+                                [dataclasses.replace(r, mask_path=None) for r in data.rows], dataset=data.dataset,
+                                class_names=data.class_names, root=data.root, command="test", class_set=data.class_set)
+    with pytest.raises(train.TrainError, match="without a mask"):
+        train.run(val_config(world), world["cache"], tmp_path / "b", max_steps=1, progress=False,
+                  val_manifest=unlabelled)
+
+
+def test_validation_refuses_a_backbone_other_than_the_caches(world, tmp_path):
+    other = val_config(world).replace(model={"init_seed": 1})  # the cache's features came from init_seed 0
+    with pytest.raises(train.TrainError, match="validate with the backbone the cache was made with"):
+        train.run(other, world["cache"], tmp_path / "a", max_steps=1, progress=False, val_manifest=world["manifest"])
+
+
+def test_online_validation_uses_the_sources_backbone(world, tmp_path):
+    cfg = val_config(world).replace(decoder={"dropout": 0.0}, train={"train_flip": False})
+    online = train.run(cfg, None, tmp_path / "online", online_manifest=world["manifest"], max_steps=2,
+                       progress=False, model_configs=[TINY_CONFIG], val_manifest=world["manifest"])
+    cached = train.run(cfg, world["cache"], tmp_path / "cached", max_steps=2, progress=False,
+                       val_manifest=world["manifest"])
+    assert online.best_step == cached.best_step == 2
+    assert online.best_val_miou == pytest.approx(cached.best_val_miou, abs=1e-3)  # the same decoder up to float noise
+
+
+def test_tensorboard_of_a_resumed_run_drops_the_killed_runs_later_events(world, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg, out = world["cfg"].replace(train={"tensorboard": True}), tmp_path / "board"
+    train.run(cfg, world["cache"], out, max_steps=3, progress=False)
+    shutil.copyfile(out / "step_000002.pt", out / "checkpoint.pt")  # killed after step 3 was logged
+    train.run(cfg, world["cache"], out, resume=True, max_steps=4, progress=False)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    loss = events.Scalars("loss/total")
+    assert [e.step for e in loss] == [0, 1, 2, 3]
+    assert [e.value for e in loss] == pytest.approx([x["loss"] for x in metrics(out)], rel=1e-6)
