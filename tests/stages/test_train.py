@@ -341,7 +341,7 @@ def test_cli_val_validates_every_checkpoint_unless_told(monkeypatch, tmp_path):
 def test_validation_refuses_a_manifest_of_other_classes_or_without_masks(world, tmp_path):
     from tests.stages import eval_fakes as ef
     voc = ef.make_world(tmp_path / "voc")  # VOC classes, the run trains on the shapes class set
-    with pytest.raises(train.TrainError, match=r"val manifest .* does not have the classes of text class set 'shapes'"):
+    with pytest.raises(train.TrainError, match=r"val manifest .* does not have the classes of the run's training data"):
         train.run(val_config(world), world["cache"], tmp_path / "a", max_steps=1, progress=False, val_manifest=voc)
     data = read_manifest(world["manifest"])
     unlabelled = write_manifest(tmp_path / "unlabelled.parquet",
@@ -354,7 +354,7 @@ def test_validation_refuses_a_manifest_of_other_classes_or_without_masks(world, 
 
 def test_validation_refuses_a_backbone_other_than_the_caches(world, tmp_path):
     other = val_config(world).replace(model={"init_seed": 1})  # the cache's features came from init_seed 0
-    with pytest.raises(train.TrainError, match="validate with the backbone the cache was made with"):
+    with pytest.raises(ConfigError, match="made with model.init_seed = 0, but this run asks for 1"):
         train.run(other, world["cache"], tmp_path / "a", max_steps=1, progress=False, val_manifest=world["manifest"])
 
 
