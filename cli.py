@@ -1,8 +1,8 @@
 """`weclip` command line: thin. Parses options, builds the config, calls one stage, prints its summary.
 
-Stage modules are imported inside each command so that `weclip --help` does not pay for torch and Ray: at import this
-module reads only `pipeline.config` and `pipeline.files`, which import neither (tests/test_cli.py checks it). Errors raised
-on purpose (`pipeline.errors.WeclipError`) print as one `error: …` line with exit code 2; `--debug` (or
+Stage modules are imported inside each command so that `weclip --help` does not pay for torch and Ray: at import
+this module reads only `pipeline.config` and `pipeline.files`, which import neither (tests/test_cli.py checks it).
+Errors raised on purpose (`pipeline.errors.WeclipError`) print as one `error: …` line with exit code 2; `--debug` (or
 WECLIP_DEBUG=1) shows their traceback. Any other exception is a bug and keeps its traceback (exit code 1).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import typer
 
 from pipeline.config import PRESETS, Config, ManifestSettings, Settings, apply_config_file, dump_config, \
     preset as load_preset, set_field
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, WeclipError
 from pipeline.files import require_local
 
 app = typer.Typer(
@@ -33,8 +33,6 @@ app = typer.Typer(
 
 DEBUG_ENV = "WECLIP_DEBUG"
 _debug = False  # set per invocation by `main` and the --debug option
-
-
 _quiet = False  # set per invocation by the --quiet option
 
 
@@ -71,8 +69,6 @@ def _progress() -> bool:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """The `weclip` console script: the typer app, with user errors as one line on stderr and exit code 2."""
-    from pipeline.errors import WeclipError
-
     global _debug
     _debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:

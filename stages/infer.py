@@ -2,9 +2,9 @@
 
 The same inference as `weclip evaluate` (multi-scale + flip, optional DenseCRF in the checked process pool,
 docs/algorithm.md §8.1), written as VOC-palette PNGs mirroring the folder's layout (`<out>/<relative path>.png`), with
-optional overlays (`<out>/overlays/...`); a single file is written as `<out>/<name>.png`. An image that cannot be decoded, or that is too small for one patch at an
-inference scale (a 4×3000 strip), is listed in `<out>/failures.jsonl` and in the summary, and every other image is
-still written.
+optional overlays (`<out>/overlays/...`); a single image file is written as `<out>/<name>.png`. An image that cannot
+be decoded, or that is too small for one patch at an inference scale (a 4×3000 strip), is listed in
+`<out>/failures.jsonl` and in the summary, and every other image is still written.
 """
 from __future__ import annotations
 
