@@ -1,19 +1,29 @@
 """`weclip` command line: thin. Parses options, builds the config, calls one stage, prints its summary.
 
-Stage modules are imported inside each command so that `weclip --help` does not pay for torch and Ray. Errors raised
-on purpose (`pipeline.errors.WeclipError`) print as one `error: …` line with exit code 2; `--debug` (or
+Stage modules are imported inside each command so that `weclip --help` does not pay for torch and Ray: at import
+this module reads only `pipeline.config` and `pipeline.files`, which import neither (tests/test_cli.py checks it).
+Errors raised on purpose (`pipeline.errors.WeclipError`) print as one `error: …` line with exit code 2; `--debug` (or
 WECLIP_DEBUG=1) shows their traceback. Any other exception is a bug and keeps its traceback (exit code 1).
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import os
 import shlex
 import sys
+from collections.abc import Iterable
+from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+
+from pipeline.config import PRESETS, Config, ManifestSettings, Settings, apply_config_file, dump_config, leaves, \
+    load_config_file, preset as load_preset, set_field
+from pipeline.errors import ConfigError, WeclipError
+from pipeline.files import require_local
 
 app = typer.Typer(
     add_completion=False,
@@ -23,19 +33,42 @@ app = typer.Typer(
 
 DEBUG_ENV = "WECLIP_DEBUG"
 _debug = False  # set per invocation by `main` and the --debug option
+_quiet = False  # set per invocation by the --quiet option
+
+
+def _version() -> str:
+    """The installed distribution's version, else (a source checkout run without installing it) pyproject.toml's."""
+    try:
+        return metadata.version("weclip")
+    except metadata.PackageNotFoundError:
+        import tomllib
+
+        return tomllib.loads(Path(__file__).with_name("pyproject.toml").read_text())["project"]["version"]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"weclip {_version()}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _options(debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error (or WECLIP_DEBUG=1).")
+def _options(debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error (or WECLIP_DEBUG=1)."),
+             quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; the summary is still printed."),
+             version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                          help="Print the version and exit."),
              ) -> None:
-    global _debug
+    global _debug, _quiet
     _debug = _debug or debug
+    _quiet = quiet
+
+
+def _progress() -> bool:
+    return not _quiet
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     """The `weclip` console script: the typer app, with user errors as one line on stderr and exit code 2."""
-    from pipeline.errors import WeclipError
-
     global _debug
     _debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
@@ -47,35 +80,100 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit(2) from None
 
 
-PresetOpt = typer.Option("voc", "--preset", help="Config preset: voc, coco or shapes (the embedded demo world).")
+def _choice(name: str, values: Iterable[str]) -> type[enum.Enum]:
+    """A str Enum of `values`: typer checks the option against it and `--help` lists the choices."""
+    return enum.Enum(name, {v: v for v in values}, type=str)
+
+
+Preset = _choice("Preset", PRESETS)
+# The stages' own names, written here because their modules import torch (this module must not, for a fast --help);
+# tests/test_cli.py checks that each equals its source.
+Format = _choice("Format", ("voc", "coco", "folder", "shapes"))  # pipeline.data.registry.names()
+LabelSource = _choice("LabelSource", ("mask", "xml", "json"))  # the layouts' labels_from, all formats together
+Executor = _choice("Executor", ("ray", "inline"))  # stages.extract.Executor
+Source = _choice("Source", ("clip-es", "weclip"))  # stages.pseudo.SOURCES
+TextFormat = _choice("TextFormat", ("yaml", "json"))
+
+PresetOpt = typer.Option(Preset("voc"), "--preset", help="Config preset (shapes: the embedded demo world).")
+ConfigOpt = typer.Option(None, "--config", help="YAML or JSON file of config sections (e.g. `train: {iterations: "
+                         "1000}`), laid over the preset; --set goes on top. `weclip config show` prints one.")
+SetOpt = typer.Option(None, "--set", help="Override a config field, e.g. --set train.iterations=1000 or "
+                      "--set eval.crf_params.iterations=5 (repeatable; values are JSON, else strings).")
+EvalSetOpt = typer.Option(None, "--set", help="Override a field of the checkpoint's eval section, e.g. "
+                          "--set eval.long_side=448, or model.pretrained=PATH when the backbone weights moved "
+                          "(repeatable; values are JSON, else strings).")
+EvalConfigOpt = typer.Option(None, "--config", help="YAML or JSON config file; only its eval section is read (the "
+                             "checkpoint fixes the model). --set goes on top.")
+CheckpointOpt = typer.Option(..., "--checkpoint", help="A checkpoint from `weclip train` (RUN/checkpoint.pt).")
+WorkersOpt = typer.Option(None, "--workers", help="DenseCRF worker processes (default: eval.crf_workers; 0 = this "
+                          "process).")
+DeviceOpt = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available).")
 
 
 def _command_line() -> str:
     return "weclip " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-def _config(preset: str, overrides: Optional[list[str]] = None):
-    """Preset + `--set section.field=value` overrides, applied in order; a value is parsed as JSON when it parses
-    (`null`, `true`, `[1, 2]`), else kept as the string. A bad key or value raises ConfigError naming it, which the
-    CLI prints as one `error:` line."""
-    from pipeline.config import preset as load_preset, set_field
-    from pipeline.errors import ConfigError
+def _parse_set(item: str) -> tuple[str, Any]:
+    """`section.field=value` → (dotted key, value); the value is JSON when it parses (`null`, `true`, `[1, 2]`), else
+    the string."""
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise ConfigError(f"--set {item!r} has no '='; write section.field=value, e.g. --set train.iterations=1000")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
 
-    cfg = load_preset(preset)
+
+def _settings(base: Settings, config_file: Optional[Path], overrides: Optional[list[str]]) -> Settings:
+    """`base`, then the config file's sections, then each `--set`, in that order. A bad key or value raises
+    ConfigError naming it (and the file), which the CLI prints as one `error:` line before any work starts."""
+    cfg = base if config_file is None else apply_config_file(base, config_file)
     for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r} has no '='; write section.field=value, e.g. --set train.iterations=1000")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        cfg = set_field(cfg, key, value)
+        cfg = set_field(cfg, *_parse_set(item))
     return cfg
 
 
-SetOpt = typer.Option(None, "--set", help="Override a config field, e.g. --set train.iterations=1000 or "
-                      "--set eval.crf_params.iterations=5 (repeatable; values are JSON, else strings).")
+def _config(preset: Preset | str, overrides: Optional[list[str]] = None, config_file: Optional[Path] = None) -> Config:
+    """The preset (a `--preset` choice or its name), then the config file, then `--set`."""
+    return _settings(load_preset(preset.value if isinstance(preset, Preset) else preset), config_file, overrides)
+
+
+def _checkpoint_config(checkpoint: Path, config_file: Optional[Path], overrides: Optional[list[str]]
+                       ) -> tuple[Optional[Config], Optional[str]]:
+    """(the checkpoint's config with the file and `--set eval.*` on top, the new path of the backbone weights).
+
+    For the commands whose model the checkpoint fixes: they read its eval section only (None when neither file nor
+    `--set eval.*` is given: the stage reads the checkpoint's own), and `--set model.pretrained=PATH` points to the
+    backbone weights when they moved since training (the stage checks them against the recorded sha256)."""
+    pretrained, evals = None, []
+    for item in overrides or []:
+        key, _, value = item.partition("=")
+        if key.strip() == "model.pretrained":
+            pretrained = value.strip()
+        elif item.startswith("eval."):
+            evals.append(item)
+        else:
+            raise ConfigError(f"--set {item!r}: this command takes its config from the checkpoint and reads only its "
+                              "eval section; override eval.* fields (e.g. --set eval.crf=true) or model.pretrained")
+    if config_file is None and not evals:
+        return None, pretrained
+    from pipeline.training.checkpoint import load_checkpoint
+
+    return _settings(load_checkpoint(checkpoint).config, config_file, evals), pretrained
+
+
+def _explicit(config_file: Optional[Path], overrides: Optional[list[str]]) -> list[str]:
+    """The dotted config fields the user set with --config and --set (a cache's other settings are its own)."""
+    given = [] if config_file is None else list(leaves(load_config_file(config_file)))
+    return given + [item.partition("=")[0].strip() for item in overrides or []]
+
+
+def _from_cwd(path: Optional[Path]) -> Optional[Path]:
+    """A path given on the command line, made absolute against the current directory (the data layer would read a
+    relative one against the dataset root)."""
+    return None if path is None else path.resolve()
 
 
 def _print(summary) -> None:
@@ -85,23 +183,35 @@ def _print(summary) -> None:
 
 @app.command()
 def manifest(
-    fmt: str = typer.Argument(..., help="Dataset layout: voc, coco, folder or shapes."),
+    fmt: Format = typer.Argument(..., help="Dataset layout."),
     root: Path = typer.Argument(..., help="Dataset root folder."),
-    out: Path = typer.Option(..., "--out", "-o", help="Manifest .parquet path, or a folder for <dataset>_<split>.parquet."),
+    out: str = typer.Option(..., "--out", "-o", help="Manifest .parquet path, or a folder for <dataset>_<split>.parquet."),
     split: Optional[str] = typer.Option(None, help="Split name (VOC default train_aug, COCO train)."),
-    list_file: Optional[Path] = typer.Option(None, help="An id list replacing the layout's split list."),
-    labels_from: Optional[str] = typer.Option(None, help="voc/shapes: mask (WeCLIP) or xml (CLIP-ES); coco: mask or json."),
+    list_file: Optional[Path] = typer.Option(None, help="An id list replacing the layout's split list (a path "
+                                             "relative to the current directory)."),
+    labels_from: Optional[LabelSource] = typer.Option(None, help="voc/shapes: mask (WeCLIP) or xml (CLIP-ES); "
+                                                      "coco: mask or json."),
     class_set: Optional[str] = typer.Option(None, help="Class set name (voc, coco, shapes); folder format needs one."),
     class_names_file: Optional[Path] = typer.Option(None, help="A text file of class names, one per line."),
-    labels_file: Optional[Path] = typer.Option(None, help="folder format: CSV (image,labels) or JSON of labels."),
-    annotations: Optional[Path] = typer.Option(None, help="coco: instances_*.json when not in the usual place."),
+    labels_file: Optional[Path] = typer.Option(None, help="folder format: CSV (image,labels) or JSON of labels (a "
+                                               "path relative to the current directory)."),
+    annotations: Optional[Path] = typer.Option(None, help="coco: instances_*.json when not in the usual place (a "
+                                               "path relative to the current directory)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML or JSON config file; its manifest section is "
+                                          "read. --set goes on top."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a manifest setting, e.g. --set "
+                                             "manifest.decode=header (repeatable)."),
 ) -> None:
     """Build a Parquet dataset manifest; bad images go to a rejects file with the reason."""
+    settings = _settings(ManifestSettings(), config, set_)
+    target = require_local(out, "manifest path")
     from stages import manifest as stage
 
-    summary = stage.run(fmt, root, out, split=split, list_file=list_file, labels_from=labels_from,
-                        class_set=class_set, class_names_file=class_names_file, labels_file=labels_file,
-                        annotations=annotations, command=_command_line())
+    summary = stage.run(fmt.value, root, target, split=split, list_file=_from_cwd(list_file),
+                        labels_from=None if labels_from is None else labels_from.value, class_set=class_set,
+                        class_names_file=class_names_file, labels_file=_from_cwd(labels_file),
+                        annotations=_from_cwd(annotations), cfg=settings.manifest, progress=_progress(),
+                        command=_command_line())
     _print(summary)
 
 
@@ -109,20 +219,25 @@ def manifest(
 def extract(
     manifest: Path = typer.Argument(..., help="Training manifest (.parquet) from `weclip manifest`."),
     out: str = typer.Option(..., "--out", "-o", help="Cache folder or fsspec URL; an existing cache is resumed."),
-    preset: str = PresetOpt,
-    executor: str = typer.Option("ray", help="ray (local Ray, or the cluster at --ray-address) or inline."),
+    preset: Preset = PresetOpt,
+    executor: Executor = typer.Option(Executor("ray"), help="ray (local Ray, or the cluster at --ray-address) or "
+                                      "inline (this process)."),
     ray_address: Optional[str] = typer.Option(None, help="Address of an existing Ray cluster, e.g. ray://head:10001."),
     views: Optional[int] = typer.Option(None, help="Augmented views per image (default: the preset's)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N images (a different plan, so a different cache)."),
+    device: Optional[str] = typer.Option(None, help="inline executor: cpu or cuda (default: cuda when available); Ray "
+                                         "workers use cuda when the cluster has GPUs."),
+    config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Run the frozen CLIP once per training view; write features, attention and Grad-CAMs to a Zarr cache."""
-    from stages import extract as stage
-
-    cfg = _config(preset, set_)
+    cfg = _config(preset, set_, config)
     if views is not None:
         cfg = cfg.replace(extract={"views": views})
-    _print(stage.run(cfg, manifest, out, executor=executor, ray_address=ray_address, limit=limit))
+    from stages import extract as stage
+
+    _print(stage.run(cfg, manifest, out, executor=executor.value, ray_address=ray_address, limit=limit,
+                     progress=_progress(), device=device))
 
 
 @app.command()
@@ -135,15 +250,16 @@ def inspect(cache: str = typer.Argument(..., help="Cache path or fsspec URL.")) 
 
 @app.command()
 def train(
-    out: Path = typer.Option(..., "--out", "-o", help="Run folder: checkpoints and metrics.jsonl."),
+    out: str = typer.Option(..., "--out", "-o", help="Run folder: checkpoints and metrics.jsonl."),
     cache: Optional[str] = typer.Option(None, help="Feature cache from `weclip extract`."),
     online: Optional[Path] = typer.Option(None, help="Train online from this manifest instead (backbone in the loop)."),
-    preset: str = PresetOpt,
+    preset: Preset = PresetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
     iterations: Optional[int] = typer.Option(None, help="Total training iterations (default: the preset's)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop at this global step (resume later with --resume)."),
     rfm_filter: Optional[str] = typer.Option(None, help="RFM layer filter: signed (released code) or abs (paper Eq. 5)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     val: Optional[Path] = typer.Option(None, "--val", help="Val manifest (with masks), scored every train.val_every "
                                        "steps (with --val, default train.checkpoint_every); the best: best.pt."),
@@ -151,7 +267,7 @@ def train(
     """Train the decoder with RFM + PAR from the cache (or --online, the released code's way)."""
     from stages import train as stage
 
-    cfg = _config(preset, set_)
+    cfg = _config(preset, set_, config)
     if iterations is not None:
         cfg = cfg.replace(train={"iterations": iterations})
     if rfm_filter is not None:
@@ -160,63 +276,85 @@ def train(
         raise typer.BadParameter("give exactly one of --cache and --online")
     if val is not None and not cfg.train.val_every:
         cfg = cfg.replace(train={"val_every": cfg.train.checkpoint_every})
-    explicit = [item.partition("=")[0].strip() for item in set_ or []]  # the rest of a cache's settings is its own
-    _print(stage.run(cfg, cache, out, resume=resume, online_manifest=online, max_steps=max_steps, device=device,
-                     explicit=explicit, val_manifest=val))
+    _print(stage.run(cfg, cache, require_local(out, "run folder"), resume=resume, online_manifest=online,
+                     max_steps=max_steps, device=device, progress=_progress(), explicit=_explicit(config, set_),
+                     val_manifest=val))
 
 
 @app.command()
 def evaluate(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint from `weclip train`."),
     manifest: Path = typer.Argument(..., help="Manifest with ground-truth masks (e.g. VOC val)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Report folder (report.json, report.md, predictions)."),
+    checkpoint: Path = CheckpointOpt,
+    out: str = typer.Option(..., "--out", "-o", help="Report folder (report.json, report.md, predictions)."),
     crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="DenseCRF on the msc+flip logits."),
     save_predictions: bool = typer.Option(False, help="Write VOC-palette PNGs of the predictions."),
     visualize: int = typer.Option(0, help="Write a picture grid of the first N images."),
-    workers: Optional[int] = typer.Option(None, help="CRF worker processes."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    workers: Optional[int] = WorkersOpt,
+    device: Optional[str] = DeviceOpt,
+    config: Optional[Path] = EvalConfigOpt,
+    set_: Optional[list[str]] = EvalSetOpt,
 ) -> None:
     """Multi-scale + flip inference with the backbone online, optional DenseCRF, mIoU report."""
+    report_dir = require_local(out, "report folder")
+    cfg, pretrained = _checkpoint_config(checkpoint, config, set_)
     from stages import evaluate as stage
 
-    _print(stage.run(checkpoint, manifest, out, crf=crf, save_predictions=save_predictions, visualize=visualize,
-                     workers=workers, device=device))
+    _print(stage.run(checkpoint, manifest, report_dir, cfg=None if cfg is None else cfg.eval, crf=crf,
+                     save_predictions=save_predictions, visualize=visualize, workers=workers, device=device,
+                     progress=_progress(), pretrained=pretrained))
 
 
 @app.command()
 def infer(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint from `weclip train`."),
-    images: Path = typer.Argument(..., help="A folder of images (searched recursively)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder for palette PNGs."),
+    images: Path = typer.Argument(..., help="An image file, or a folder of images (searched recursively)."),
+    checkpoint: Path = CheckpointOpt,
+    out: str = typer.Option(..., "--out", "-o", help="Output folder for palette PNGs."),
     crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="DenseCRF on the logits."),
     overlays: bool = typer.Option(False, help="Also write the images with their labels blended on top."),
-    workers: Optional[int] = typer.Option(None, help="CRF worker processes."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    workers: Optional[int] = WorkersOpt,
+    device: Optional[str] = DeviceOpt,
+    config: Optional[Path] = EvalConfigOpt,
+    set_: Optional[list[str]] = EvalSetOpt,
 ) -> None:
-    """Segment a folder of images; unreadable images are listed, the rest are written."""
+    """Segment an image or a folder of images; unreadable images are listed, the rest are written."""
+    out_dir = require_local(out, "output folder")
+    cfg, pretrained = _checkpoint_config(checkpoint, config, set_)
     from stages import infer as stage
 
-    _print(stage.run(checkpoint, images, out, crf=crf, overlays=overlays, workers=workers, device=device))
+    _print(stage.run(checkpoint, images, out_dir, cfg=None if cfg is None else cfg.eval, crf=crf, overlays=overlays,
+                     workers=workers, device=device, progress=_progress(), pretrained=pretrained))
 
 
 @app.command()
 def pseudo(
     manifest: Path = typer.Argument(..., help="Training manifest to make pseudo masks for."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (masks/ and a report)."),
-    source: str = typer.Option("clip-es", help="clip-es (CAM + CAA + CRF + confidence) or weclip (a checkpoint)."),
-    checkpoint: Optional[Path] = typer.Option(None, help="Trained checkpoint, for --source weclip."),
-    preset: str = PresetOpt,
+    out: str = typer.Option(..., "--out", "-o", help="Output folder (masks/ and a report)."),
+    source: Source = typer.Option(Source("clip-es"), help="clip-es (CAM + CAA + CRF + confidence) or weclip (a "
+                                  "trained checkpoint's predictions)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A checkpoint from `weclip train`, for "
+                                              "--source weclip."),
+    preset: Preset = PresetOpt,
     visualize: int = typer.Option(0, help="Write a picture grid of the first N images."),
-    workers: Optional[int] = typer.Option(None, help="CRF worker processes."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
-    set_: Optional[list[str]] = SetOpt,
+    workers: Optional[int] = WorkersOpt,
+    device: Optional[str] = DeviceOpt,
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML or JSON config file, laid over the preset "
+                                          "(clip-es) or the checkpoint (weclip: its eval section); --set goes on top."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config field, e.g. --set "
+                                             "eval.clipes_confidence=0.9 (weclip: eval.* only; repeatable)."),
 ) -> None:
     """Pseudo masks for a training set: CLIP-ES's or a trained WeCLIP's; scored when masks exist."""
+    out_dir = require_local(out, "output folder")
+    pretrained = None
+    if source.value == "clip-es":
+        cfg = _config(preset, set_, config)
+    elif checkpoint is not None:
+        cfg, pretrained = _checkpoint_config(checkpoint, config, set_)
+    else:
+        cfg = None
     from stages import pseudo as stage
 
-    cfg = _config(preset, set_) if source == "clip-es" else None
-    _print(stage.run(manifest, out, cfg, source=source, checkpoint=checkpoint, workers=workers,
-                     visualize=visualize, device=device))
+    _print(stage.run(manifest, out_dir, cfg=cfg, source=source.value, checkpoint=checkpoint, workers=workers,
+                     visualize=visualize, device=device, progress=_progress(), pretrained=pretrained))
 
 
 @app.command()
@@ -245,14 +383,34 @@ def export(
 
 @app.command()
 def demo(
-    workdir: Path = typer.Option(Path("runs/demo"), help="Work folder; a rerun resumes what is there."),
+    out: str = typer.Option("runs/demo", "--out", "-o", help="Work folder; a rerun resumes what is there."),
     quick: bool = typer.Option(False, "--quick", help="CI-sized: a few images and steps, every stage exercised."),
-    executor: str = typer.Option("ray", help="Extraction executor: ray (local) or inline."),
+    executor: Executor = typer.Option(Executor("ray"), help="Extraction executor: ray (local) or inline."),
 ) -> None:
     """The whole chain on the embedded shapes world and the shipped tiny CLIP; prints an mIoU table."""
+    workdir = require_local(out, "demo work folder")
     from stages import demo as stage
 
-    _print(stage.run(workdir, quick=quick, executor=executor))
+    _print(stage.run(workdir, quick=quick, executor=executor.value, progress=_progress()))
+
+
+config_app = typer.Typer(no_args_is_help=True, help="The resolved config: preset, then --config file, then --set.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(
+    preset: Preset = PresetOpt,
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config field, e.g. --set "
+                                             "train.iterations=1000 or --set manifest.decode=header (repeatable)."),
+    fmt: TextFormat = typer.Option(TextFormat("yaml"), "--format", help="Text format of the output."),
+) -> None:
+    """Print every section a command would run with (the manifest section included); the output is a --config file."""
+    manifest_sets = [item for item in set_ or [] if item.startswith("manifest.")]
+    cfg = _config(preset, [item for item in set_ or [] if item not in manifest_sets], config)
+    settings = _settings(ManifestSettings(), config, manifest_sets)
+    typer.echo(dump_config({**cfg.to_dict(), **dataclasses.asdict(settings)}, fmt.value), nl=False)
 
 
 @app.command("toy-clip")

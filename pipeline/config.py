@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import numbers
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Mapping
+from typing import Annotated, Any, Callable, Literal, Mapping, TypeVar
 
-from pipeline.errors import ConfigError
+import yaml
+
+from pipeline.errors import ConfigError, DataError, MissingFile, StorageError
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # 0..255 scale, WeCLIP transforms
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -392,3 +396,79 @@ def set_field(cfg: Config, dotted: str, value: Any) -> Config:
     for name in reversed(names):
         value = {name: value}
     return apply_overrides(cfg, {section: value})
+
+
+@dataclass(frozen=True)
+class ManifestSettings(Section):
+    """`weclip manifest`'s settings as a config file and `--set` name them (`manifest.decode=header`): the one section
+    the training `Config` does not hold, so that one file can configure every command."""
+    manifest: ManifestConfig = field(default_factory=ManifestConfig)
+
+
+Settings = TypeVar("Settings", Config, ManifestSettings)
+FILE_SECTIONS: tuple[str, ...] = tuple(sorted({*_hints(Config), *_hints(ManifestSettings)}))
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` (no dot) as a string; a config file means the number, as JSON and `--set` do."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The sections of a YAML (.yaml, .yml) or JSON (.json) config file, e.g. `train: {iterations: 1000}`; the values
+    are checked when laid over a config (`apply_config_file`). An empty file has no sections."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".json"):
+        raise DataError(f"config file {path} must end in .yaml, .yml or .json")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MissingFile(f"config file {path} does not exist; check the --config path") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise StorageError(f"cannot read config file {path}: {err}") from None
+    try:
+        data = json.loads(text) if suffix == ".json" else yaml.load(text, Loader=_YamlLoader)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise DataError(f"config file {path} is not valid {suffix.lstrip('.').upper()}: "
+                        f"{' '.join(str(err).split())}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise DataError(f"config file {path} must map section names to fields, e.g. "
+                        "{\"train\": {\"iterations\": 1000}}")
+    unknown = sorted(set(data) - set(FILE_SECTIONS))
+    if unknown:
+        raise ConfigError(f"config file {path}: {unknown[0]!r} is not a config section; the sections are "
+                          f"{', '.join(FILE_SECTIONS)}")
+    return data
+
+
+def apply_config_file(cfg: Settings, path: str | Path) -> Settings:
+    """`cfg` with the sections of the config file at `path` that it holds laid over it (a `Config` skips the
+    `manifest` section, `ManifestSettings` all the others); a bad field is a ConfigError naming the file."""
+    mine = {k: v for k, v in load_config_file(path).items() if k in _hints(type(cfg))}
+    try:
+        return apply_overrides(cfg, mine)
+    except ConfigError as err:
+        raise ConfigError(f"config file {path}: {err}") from None
+
+
+def dump_config(sections: Mapping[str, Any], fmt: Literal["yaml", "json"] = "yaml") -> str:
+    """Sections (`Config.to_dict()`, ...) as the text of a config file `load_config_file` reads back."""
+    plain = json.loads(json.dumps(sections))  # tuples as lists
+    return yaml.safe_dump(plain, sort_keys=False) if fmt == "yaml" else json.dumps(plain, indent=2) + "\n"
+
+
+def leaves(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted name → value of every leaf of a nested config dict."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Callable
+
+from pipeline.errors import StorageError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the folder holding `pipeline/`
 
@@ -58,3 +61,20 @@ def repo_relative(path: str | Path) -> str:
     must not name the folder of the machine they were made on."""
     resolved = Path(path).resolve()
     return resolved.relative_to(REPO_ROOT).as_posix() if resolved.is_relative_to(REPO_ROOT) else str(path)
+
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")  # also `s3:/x`, what Path("s3://x") collapses to
+
+
+def require_local(location: str | Path, what: str) -> Path:
+    """`location` as a local Path (a file:// URL stripped), or StorageError for any other URL: run, report and output
+    folders are written with local file calls, which would otherwise create a folder named `s3:` and lose the run."""
+    text = str(location)
+    scheme = _SCHEME.match(text)
+    if scheme is None:
+        return Path(text)
+    if scheme.group(1).lower() == "file":
+        return Path(re.sub(r"^file:(//)?", "", text, flags=re.IGNORECASE))
+    raise StorageError(f"{what} {text} is a URL, but it must be a local path; write to a local folder and copy it "
+                       f"to {scheme.group(1)}:// afterwards (only the feature cache of `weclip extract` and `weclip "
+                       f"train --cache` may be a URL)")

@@ -11,24 +11,13 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from pipeline.cache import fingerprint as fp
-from pipeline.config import Config, apply_overrides
+from pipeline.config import Config, apply_overrides, leaves
 from pipeline.errors import CacheError, ConfigError
 from pipeline.files import sha256_file, local_path
 from pipeline.model.text import ClassSet
 
 FIXED_SECTIONS = ("model", "text", "aug", "extract")  # what a cache fixes
 MOVABLE = ("model.pretrained",)  # may point elsewhere, if the file there is the recorded one
-
-
-def leaves(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted name → value of every leaf of a nested config dict."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def adopt(cfg: Config, fixed: Config, explicit: Iterable[str] | None, source: str) -> Config:

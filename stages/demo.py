@@ -50,11 +50,12 @@ def _percent(miou: float | None) -> float | None:
     return None if miou is None else 100.0 * miou
 
 
-def run(workdir: str | Path = "runs/demo", quick: bool = False, executor: str = "ray",
+def run(out: str | Path = "runs/demo", quick: bool = False, executor: str = "ray",
         cfg: Config | None = None, demo: DemoConfig = DemoConfig(), progress: bool = True) -> DemoSummary:
-    """Run the demo in `workdir`. quick: a CI-sized run (a few images, a few steps) that exercises every stage."""
+    """Run the demo in the work folder `out`. quick: a CI-sized run (a few images, a few steps) that exercises every
+    stage."""
     cfg = cfg or preset("shapes")
-    workdir = Path(workdir).resolve()
+    workdir = Path(out).resolve()
     n_train, n_val = ((demo.quick_train_images, demo.quick_val_images) if quick
                       else (demo.train_images, demo.val_images))
     if quick:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from pipeline.config import EvalConfig
 from pipeline.data.manifest import ManifestRow, read_manifest
 from pipeline.errors import EvalError
+from pipeline.files import require_local
 from pipeline.inference.crf_pool import CrfJob, crf_pool, labelled
 from pipeline.inference.predict import cam_panels_of, check_classes, load_predictor, read_gt, read_rgb
 from pipeline.inference.report import GRID_NAME, REPORT_JSON, REPORT_MD, markdown_report, percent, score_dict, write_reports
@@ -79,7 +80,7 @@ def run(checkpoint: str | Path, manifest: str | Path, out_dir: str | Path, cfg: 
     cfg.crf_workers); model_configs: extra open_clip configs to register (e.g. a test's tiny ViT).
     """
     started = time.perf_counter()
-    out_dir = Path(out_dir)
+    out_dir = require_local(out_dir, "output folder")
     dev = default_device(device)
     predictor = load_predictor(checkpoint, dev, model_configs, pretrained)
     ckpt = predictor.checkpoint

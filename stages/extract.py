@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-import torch
 from tqdm import tqdm
 
 from pipeline.cache.store import CacheWriter
@@ -23,7 +22,7 @@ from pipeline.extract.plan import ShardTask, cache_layout, make_plan
 from pipeline.extract.ray_runner import run_ray
 from pipeline.extract.worker import ExtractJob, ShardOutcome, run_shard
 from pipeline.files import is_url, local_path
-from pipeline.model.backbone import load_backbone
+from pipeline.model.backbone import default_device, load_backbone
 
 Executor = Literal["ray", "inline"]
 
@@ -72,7 +71,7 @@ class ExtractSummary:
 
 def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Executor = "ray",
         ray_address: str | None = None, limit: int | None = None, progress: bool = True,
-        model_configs: Sequence[str | Path] = ()) -> ExtractSummary:
+        model_configs: Sequence[str | Path] = (), device: str | None = None) -> ExtractSummary:
     """Extract the feature cache of a manifest into `out` (a local folder or an fsspec URL); resume if it exists.
 
     executor: "ray" (a local Ray sized to this machine, or the cluster at `ray_address`) or "inline" (this process).
@@ -86,7 +85,8 @@ def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Execu
     manifest = read_manifest(manifest_path)
     plan = make_plan(manifest, cfg, limit)
     configs = tuple(str(Path(p).resolve()) for p in model_configs)  # workers may run in another folder
-    device = "cuda" if executor == "inline" and torch.cuda.is_available() else "cpu"
+    # the driver's backbone (inline: the one that extracts); Ray workers use cuda when the cluster has GPUs
+    device = str(default_device(device)) if executor == "inline" else "cpu"
     backbone = load_backbone(cfg.model, device, configs)
     fingerprint, spec = cache_layout(cfg, plan, backbone)
     root = _cache_root(out)

@@ -1,10 +1,10 @@
-"""Stage `infer`: segment a folder of images (no masks) with a trained checkpoint.
+"""Stage `infer`: segment one image file or a folder of images (no masks) with a trained checkpoint.
 
 The same inference as `weclip evaluate` (multi-scale + flip, optional DenseCRF in the checked process pool,
 docs/algorithm.md §8.1), written as VOC-palette PNGs mirroring the folder's layout (`<out>/<relative path>.png`), with
-optional overlays (`<out>/overlays/...`). An image that cannot be decoded, or that is too small for one patch at an
-inference scale (a 4×3000 strip), is listed in `<out>/failures.jsonl` and in the summary, and every other image is
-still written.
+optional overlays (`<out>/overlays/...`); a single image file is written as `<out>/<name>.png`. An image that cannot
+be decoded, or that is too small for one patch at an inference scale (a 4×3000 strip), is listed in
+`<out>/failures.jsonl` and in the summary, and every other image is still written.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pipeline.config import EvalConfig
 from pipeline.errors import InferError
-from pipeline.files import atomic_write_text
+from pipeline.files import atomic_write_text, require_local
 from pipeline.inference.crf_pool import CrfJob, crf_pool, labelled
 from pipeline.inference.predict import load_predictor
 from pipeline.inference.segment import ImageTooSmall, check_msc_size
@@ -73,6 +73,18 @@ def list_images(folder: Path, exclude: Path | None = None) -> list[Path]:
                   and (skip is None or not p.resolve().is_relative_to(skip)))
 
 
+def image_inputs(images: Path, exclude: Path | None = None) -> tuple[Path, list[Path]]:
+    """(the folder output names are relative to, the image files): a folder's images (`list_images`), or one image
+    file on its own, so that `weclip infer CKPT photo.jpg` needs no folder made for it."""
+    if images.is_dir():
+        return images, list_images(images, exclude)
+    if not images.exists():
+        raise InferError(f"{images} does not exist; give an image file or a folder of images")
+    if strip_image_suffix(images.name) == images.name:
+        raise InferError(f"{images} is not an image file (by its suffix) nor a folder of images")
+    return images.parent, [images]
+
+
 def output_names(folder: Path, files: Sequence[Path]) -> dict[Path, str]:
     """file → output name '<relative path without suffix>'; two files that would share one output are refused."""
     names: dict[str, Path] = {}
@@ -93,15 +105,15 @@ def run(checkpoint: str | Path, images: str | Path, out_dir: str | Path, cfg: Ev
         crf: bool | None = None, overlays: bool = False, workers: int | None = None, device: str | None = None,
         model_configs: Sequence[str | Path] = (), progress: bool = True, pretrained: str | None = None
         ) -> InferSummary:
-    """Segment every image under `images` (recursive) into `out_dir`.
+    """Segment the image file `images`, or every image under the folder `images` (recursive), into `out_dir`.
 
     cfg: inference settings (default: the checkpoint's `eval` section); crf: DenseCRF (default cfg.crf);
     overlays: also write the images with their labels blended on top (weight cfg.overlay_alpha); workers: CRF
     processes (default cfg.crf_workers); model_configs: extra open_clip configs to register.
     """
     started = time.perf_counter()
-    folder, out_dir = Path(images), Path(out_dir)
-    files = list_images(folder, exclude=out_dir)  # outputs written inside the input folder are not inputs
+    out_dir = require_local(out_dir, "output folder")
+    folder, files = image_inputs(Path(images), exclude=out_dir)  # outputs inside the input folder are not inputs
     names = output_names(folder, files)
     predictor = load_predictor(checkpoint, default_device(device), model_configs, pretrained)
     cfg = predictor.checkpoint.config.eval if cfg is None else cfg
@@ -134,7 +146,7 @@ def run(checkpoint: str | Path, images: str | Path, out_dir: str | Path, cfg: Ev
     failures_file = _write_failures(out_dir / FAILURES_NAME, failures)
     if written + len(failures) != len(files):
         raise InferError(f"{written} written + {len(failures)} failed != {len(files)} images found in {folder}")
-    return InferSummary(images_dir=str(folder), out_dir=str(out_dir), checkpoint=str(predictor.checkpoint.path),
+    return InferSummary(images_dir=str(images), out_dir=str(out_dir), checkpoint=str(predictor.checkpoint.path),
                         found=len(files), written=written, failed=failures, failures_file=str(failures_file),
                         crf=crf, overlays=str(out_dir / OVERLAY_DIR) if overlays else None,
                         seconds=time.perf_counter() - started)

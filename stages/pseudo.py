@@ -27,6 +27,7 @@ from tqdm import tqdm
 from pipeline.config import IGNORE_INDEX, Config
 from pipeline.data.manifest import ManifestRow, read_manifest
 from pipeline.errors import ConfigError, EvalError
+from pipeline.files import require_local
 from pipeline.inference.crf_pool import CrfJob, crf_pool, labelled
 from pipeline.inference.predict import BACKGROUND, check_classes, clipes_predictor, load_predictor, read_gt, read_rgb
 from pipeline.inference.report import GRID_NAME, REPORT_JSON, REPORT_MD, markdown_report, percent, score_dict, write_reports
@@ -90,7 +91,7 @@ def run(manifest: str | Path, out_dir: str | Path, cfg: Config | None = None, so
     if source not in SOURCES:
         raise ConfigError(f"unknown pseudo-mask source {source!r}; choose one of {SOURCES}")
     started = time.perf_counter()
-    out_dir = Path(out_dir)
+    out_dir = require_local(out_dir, "output folder")
     dev = default_device(device)
     data = read_manifest(manifest)
     panels: dict[str, dict[str, np.ndarray]] = {}

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pipeline.config import Config
 from pipeline.errors import TrainError
-from pipeline.files import atomic_write_text
+from pipeline.files import atomic_write_text, require_local
 from pipeline.model.backbone import default_device
 from pipeline.model.decoder import WeCLIPDecoder
 from pipeline.refinement.par import PAR
@@ -89,7 +89,7 @@ def run(cfg: Config, cache_path: str | Path | None, out_dir: str | Path, resume:
     is written to `out_dir/config.json`. val_manifest: a manifest with masks, scored every `train.val_every` steps
     (`val_miou` in metrics.jsonl, the best checkpoint as `best.pt`).
     """
-    out_dir = Path(out_dir)
+    out_dir = require_local(out_dir, "output folder")
     dev = default_device(device)
     if online_manifest is None and cache_path is None:
         raise TrainError("give a feature cache (cache_path) or a manifest to train online (online_manifest)")

@@ -13,7 +13,7 @@ from pipeline.cache.store import CacheReader
 
 def test_demo_quick_runs_every_stage_and_prints_the_table(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["demo", "--quick", "--executor", "inline", "--workdir", str(workdir)])
+    result = CliRunner().invoke(app, ["demo", "--quick", "--executor", "inline", "--out", str(workdir)])
     assert result.exit_code == 0, result.output + repr(result.exception)
     rows = re.findall(r"^\| (.+?)\s+\|\s+([0-9.]+) \|$", result.output, flags=re.M)
     assert len(rows) == 3, result.output

@@ -74,8 +74,8 @@ def test_refuses_two_images_with_one_output_name(world, tmp_path):
     Image.open(world["images"] / "a.jpg").save(folder / "x.png")
     with pytest.raises(infer.InferError, match="both be written as x.png"):
         infer.run(world["checkpoint"], folder, tmp_path / "o", progress=False, model_configs=[ef.TINY_CONFIG])
-    with pytest.raises(infer.InferError, match="not a folder"):
-        infer.run(world["checkpoint"], folder / "x.jpg", tmp_path / "o", progress=False)
+    with pytest.raises(infer.InferError, match="does not exist"):  # a single image file is accepted
+        infer.run(world["checkpoint"], folder / "missing.jpg", tmp_path / "o", progress=False)
 
 
 def test_outputs_inside_the_input_folder_are_not_inputs(world, tmp_path):

@@ -78,7 +78,8 @@ def test_train_takes_the_backbone_and_layers_from_the_cache(voc_run):
 
 def test_evaluate_loads_the_recorded_backbone(voc_run):
     root = voc_run["root"]
-    weclip("evaluate", root / "run" / "checkpoint.pt", root / "val.parquet", "-o", root / "eval", "--no-crf")
+    weclip("evaluate", root / "val.parquet", "--checkpoint", root / "run" / "checkpoint.pt", "-o", root / "eval",
+           "--no-crf")
     report = json.loads((root / "eval" / "report.json").read_text())
     assert report["images"] == 2 and 0 <= report["miou"] <= 1
 
@@ -152,8 +153,8 @@ def test_a_dataset_with_its_own_classes_runs_through_the_chain(tmp_path):
     weclip("train", "--cache", tmp_path / "cache", "-o", tmp_path / "run", *sets(TRAIN_SETS))
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert ckpt.class_names == ("apple", "pear", "plum") and ckpt.decoder_args["num_classes"] == 4
-    weclip("evaluate", tmp_path / "run" / "checkpoint.pt", tmp_path / "fruit.parquet", "-o", tmp_path / "eval",
-           "--no-crf")
+    weclip("evaluate", tmp_path / "fruit.parquet", "--checkpoint", tmp_path / "run" / "checkpoint.pt", "-o",
+           tmp_path / "eval", "--no-crf")
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert list(report["iou"]) == ["background", "apple", "pear", "plum"]
 
