@@ -32,12 +32,11 @@ import torch
 from PIL import Image
 
 from pipeline.data.augment import normalise
-from pipeline.model.backbone import FrozenCLIP
 from pipeline.cache.store import CacheWriter
 from pipeline.config import Config
 from pipeline.extract.plan import ExtractPlan, PlannedImage, cache_layout
 from pipeline.extract.worker import ExtractJob, ShardData, extract_shard, run_shard
-from pipeline.model.backbone import load_backbone
+from pipeline.model.backbone import FrozenCLIP, default_device, load_backbone
 from pipeline.model.text import TextEmbeddings, class_set, text_embeddings
 
 
@@ -76,7 +75,7 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--dtype", default=None, help="cache dtype (default: the config's)")
     parser.add_argument("--compressor", default=None, help="cache codec (default: the config's)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=str(default_device()))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

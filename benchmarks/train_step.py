@@ -38,6 +38,7 @@ from PIL import Image
 from torch.utils.data import default_convert
 
 from pipeline.config import Config, preset
+from pipeline.model.backbone import default_device
 from pipeline.model.decoder import WeCLIPDecoder
 from pipeline.training.optim import PolyWarmup, build_optimizer
 from pipeline.refinement.par import PAR
@@ -153,7 +154,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="measured (cached, online) step pairs (+1 warm-up)")
     parser.add_argument("--memory-steps", type=int, default=2, help="steps of each memory-measuring run")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=str(default_device()))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
