@@ -43,10 +43,13 @@ def cam_from_gradient(activations: torch.Tensor, gradients: torch.Tensor, grid: 
     twice, as the released code does (compute_cam_per_layer, then aggregate_multi_layers, whose max(·, 0) and mean
     over the one layer change nothing). The second pass matters for a low-probability class: its raw peak M is tiny,
     the first pass leaves it at M/(M + 1e-7), and the box threshold and the background score 1 − max see that peak.
+    The channel sum is a product reduced over D rather than an einsum, whose matmul rounds differently for other
+    batch shapes: a map's CAM is then the same bits whichever maps share its batch (view 0 of a k-view cache is the
+    1-view cache's), so a tie in the pseudo labels downstream cannot break differently.
     """
     activations, gradients = activations.float(), gradients.float()
     weights = gradients.mean(dim=-2)
-    cam = torch.relu(torch.einsum("...nd,...d->...n", activations, weights))
+    cam = torch.relu((activations * weights.unsqueeze(-2)).sum(dim=-1))
     return minmax(minmax(cam.reshape(*cam.shape[:-1], *grid)))
 
 

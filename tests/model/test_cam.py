@@ -72,6 +72,15 @@ def test_cam_formula_matches_released_numpy_batched() -> None:
             np.testing.assert_allclose(ours[b, k].numpy(), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape, grid", [((5, 16, 64), (4, 4)), ((3, 2, 400, 768), (20, 20))])
+def test_a_cam_is_the_same_bits_whichever_maps_share_its_batch(shape: tuple[int, ...], grid: tuple[int, int]) -> None:
+    g = torch.Generator().manual_seed(7)
+    act, grad = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    together = cam_from_gradient(act, grad, grid).reshape(-1, *grid)
+    for i, (a, d) in enumerate(zip(act.reshape(-1, *shape[-2:]), grad.reshape(-1, *shape[-2:]))):
+        assert torch.equal(together[i], cam_from_gradient(a, d, grid))
+
+
 def tiny_peak_case() -> tuple[torch.Tensor, torch.Tensor]:
     """Activations and gradients (N=16 patches of a 4×4 grid, D=1) whose raw CAM peaks at 1e-6, as a class with a
     low softmax probability gets (docs/algorithm.md §4 step 4): patch (0, 0) is the peak, patch (1, 1) sits at
