@@ -14,8 +14,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.cache.schema import SCHEMA_VERSION
+from pipeline.errors import CacheError
 from pipeline.files import sha256_file
 from pipeline.config import Config
+
+# How the stored CAMs are normalised: ReLU, then min-max twice (`pipeline/model/cam.py`, docs/algorithm.md §4
+# step 4). A property of the code, not of the config: change it whenever the CAM formula changes, so that caches
+# holding the old CAMs are refused. Caches made before it was recorded hold one-pass CAMs.
+CAM_NORMALISATION = "minmax-twice"
 
 FINGERPRINT_KEYS = (
     "model",  # open_clip model name
@@ -34,6 +40,7 @@ FINGERPRINT_KEYS = (
     "augmentation",  # the AugConfig as a dict
     "manifest_sha256",  # hash of the manifest's (image_id, labels) list, so a changed dataset is a new cache
     "schema_version",
+    "cam_normalisation",  # CAM_NORMALISATION of the code that made the cache
 )
 
 
@@ -47,11 +54,12 @@ def sha256_json(value: Any) -> str:
 
 
 def make_fingerprint(**parts: Any) -> dict[str, Any]:
-    """The fingerprint dict: every key of FINGERPRINT_KEYS (schema_version filled in), plus `digest`.
+    """The fingerprint dict: every key of FINGERPRINT_KEYS (schema_version and cam_normalisation, the code's,
+    filled in), plus `digest`.
 
     Missing or unknown keys raise, so a new content-determining setting cannot be silently left out.
     """
-    parts = {"schema_version": SCHEMA_VERSION, **parts}
+    parts = {"schema_version": SCHEMA_VERSION, "cam_normalisation": CAM_NORMALISATION, **parts}
     missing = [k for k in FINGERPRINT_KEYS if k not in parts]
     unknown = sorted(set(parts) - set(FINGERPRINT_KEYS))
     if missing or unknown:
@@ -64,6 +72,19 @@ def diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Keys whose values differ (or that only one side has), sorted; `digest` itself is not reported."""
     a, b = _plain(a), _plain(b)
     return sorted(k for k in set(a) | set(b) if k != "digest" and a.get(k, _ABSENT) != b.get(k, _ABSENT))
+
+
+def require_current_cams(fingerprint: dict[str, Any], where: str) -> None:
+    """Refuse a cache whose CAMs this code does not make (see CAM_NORMALISATION): training on it would learn from
+    the other formula's pseudo labels, resuming its extraction would mix two formulas in one cache. Readers compare
+    no fingerprint, and a writer's diff would only list the key among changed settings, hence this check."""
+    stored = fingerprint.get("cam_normalisation")
+    if stored == CAM_NORMALISATION:
+        return
+    made = "before CAMs were min-max normalised twice" if stored is None else f"with CAM normalisation {stored!r}"
+    raise CacheError(f"the cache at {where} was made {made}, but this code makes {CAM_NORMALISATION!r} CAMs "
+                     "(docs/algorithm.md §4 step 4); re-extract with `weclip extract` into a new --out "
+                     "(or delete the old cache first)")
 
 
 def checkpoint_identity(pretrained: str | None) -> str:

@@ -304,6 +304,7 @@ def _refuse_foreign_content(store: Store, spec: CacheSpec, root: CacheRoot) -> N
 
 
 def _check_version(meta: dict[str, Any], root: CacheRoot) -> None:
+    """Refuse what this code cannot read as its own cache: an unknown schema version, or CAMs of another formula."""
     version = meta.get("schema_version")
     if version is None:
         raise NotACache(f"{_name(root)} is a zarr group but not a weclip feature cache (no {ROOT_ATTR!r} root "
@@ -311,6 +312,7 @@ def _check_version(meta: dict[str, Any], root: CacheRoot) -> None:
     if version not in KNOWN_SCHEMA_VERSIONS:
         raise NotACache(f"{_name(root)} has cache schema version {version}; this code reads versions "
                         f"{sorted(KNOWN_SCHEMA_VERSIONS)}. Re-extract with this version or use a matching weclip")
+    fp.require_current_cams(meta["fingerprint"], _name(root))
 
 
 def _check_same(meta: dict[str, Any], spec: CacheSpec, fingerprint: dict[str, Any], root: CacheRoot) -> None:

@@ -5,7 +5,8 @@ frozen blocks run once for the batch, the last block once with grad, and the per
 vmapped backward (`torch.autograd.grad(..., is_grads_batched=True)`) whose cotangent j selects each image's j-th
 target. Images are independent through the whole graph (per-image pooling and per-image softmax), so each image's
 slice of gradient j is exactly its own ∂s_j/∂u. The vmapped backward does the work of K_max separate passes in bigger
-matmuls (`benchmarks/cam_throughput.py` measures it against the loop); its peak memory grows with K_max. `softmax_gradcam_loop` is the released code's way, kept as the reference.
+matmuls (`benchmarks/cam_throughput.py` measures it against the loop); its peak memory grows with K_max.
+`softmax_gradcam_loop` is the released code's way, kept as the reference.
 """
 from __future__ import annotations
 
@@ -17,9 +18,7 @@ import torch
 from pipeline.model.backbone import FrozenFeatures
 from pipeline.model.protocol import CLIPBackbone
 from pipeline.model.text import TextEmbeddings
-
-# `scale_cam_image` of pytorch_grad_cam: (x - min) / (max + 1e-7), docs/algorithm.md §4 step 4.
-CAM_EPS = 1e-7
+from pipeline.refinement.refine import minmax
 
 
 @dataclass
@@ -40,15 +39,36 @@ class CamBatch:
 def cam_from_gradient(activations: torch.Tensor, gradients: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Grad-CAM on patch tokens (...×N×D each, CLS already dropped) → ...×h×w fp32 in [0, 1].
 
-    docs/algorithm.md §4 steps 3–4: w = mean over patches of the gradient; CAM = Σ_k w_k·U_k; ReLU; subtract the min;
-    divide by (max + 1e-7).
+    docs/algorithm.md §4 steps 3–4: w = mean over patches of the gradient; CAM = Σ_k w_k·U_k; ReLU; then min-max
+    twice, as the released code does (compute_cam_per_layer, then aggregate_multi_layers, whose max(·, 0) and mean
+    over the one layer change nothing). The second pass matters for a low-probability class: its raw peak M is tiny,
+    the first pass leaves it at M/(M + 1e-7), and the box threshold and the background score 1 − max see that peak.
+    The channel sum is a product reduced over D rather than an einsum, whose matmul rounds differently for other
+    batch shapes: a map's CAM is then the same bits whichever maps share its batch (view 0 of a k-view cache is the
+    1-view cache's), so a tie in the pseudo labels downstream cannot break differently.
     """
     activations, gradients = activations.float(), gradients.float()
     weights = gradients.mean(dim=-2)
-    cam = torch.relu(torch.einsum("...nd,...d->...n", activations, weights))
-    cam = cam - cam.amin(dim=-1, keepdim=True)
-    cam = cam / (cam.amax(dim=-1, keepdim=True) + CAM_EPS)
-    return cam.reshape(*cam.shape[:-1], *grid)
+    cam = torch.relu((activations * weights.unsqueeze(-2)).sum(dim=-1))
+    return minmax(minmax(cam.reshape(*cam.shape[:-1], *grid)))
+
+
+def _released_cam(activations: torch.Tensor, gradients: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The released Grad-CAM of one map, written apart from `cam_from_gradient` so the loop can check its passes.
+
+    activations, gradients: N×D patch tokens → h×w. pytorch_grad_cam's order (docs/algorithm.md §4 steps 3–4):
+    D×h×w maps, weights = spatial mean of the gradient, weighted channel sum, ReLU, `scale_cam_image`
+    (compute_cam_per_layer); then stack the layers, max(·, 0), mean over layers, `scale_cam_image` again
+    (aggregate_multi_layers).
+    """
+    maps = activations.float().T.reshape(-1, *grid)
+    weights = gradients.float().T.reshape(-1, *grid).mean(dim=(1, 2))
+    per_layer = torch.relu((weights[:, None, None] * maps).sum(dim=0))
+    per_layer = per_layer - per_layer.min()
+    per_layer = per_layer / (per_layer.max() + 1e-7)
+    layers = per_layer[None].clamp(min=0).mean(dim=0)
+    layers = layers - layers.min()
+    return layers / (layers.max() + 1e-7)
 
 
 def _check_request(backbone: CLIPBackbone, images: torch.Tensor, labels: Sequence[Sequence[int]],
@@ -165,8 +185,9 @@ def softmax_gradcam_loop(backbone: CLIPBackbone, images: torch.Tensor, labels: S
                          text: TextEmbeddings, feature_layers: Sequence[int], attn_layers: Sequence[int],
                          k_max: int | None = None, full_pass: bool = False) -> CamBatch:
     """Reference: the released code's way (docs/algorithm.md §4). Per image, the frozen blocks once; per present class,
-    a separate forward of the last block and a backward, reading ∂s_c/∂U from the leaf's `.grad` as the hook does.
-    The last block's attention is taken from the first class's call (§4 step 6). Same outputs as `softmax_gradcam`.
+    a separate forward of the last block and a backward, reading ∂s_c/∂U from the leaf's `.grad` as the hook does,
+    and the CAM of `_released_cam`, which shares no code with the fast path's. The last block's attention is taken
+    from the first class's call (§4 step 6). Same outputs as `softmax_gradcam`.
     full_pass=True re-runs the frozen blocks for every (image, class) too: the naive one-full-pass-per-target
     Grad-CAM (e.g. pytorch-grad-cam on the whole encoder), the other baseline of `benchmarks/cam_throughput.py`.
     """
@@ -184,7 +205,7 @@ def softmax_gradcam_loop(backbone: CLIPBackbone, images: torch.Tensor, labels: S
             with torch.enable_grad():
                 probs = (backbone.logit_scale * backbone.pooled_embedding(tokens_out) @ text_set.T).softmax(dim=-1)
                 probs[0, j].backward()
-            cams[b, j] = cam_from_gradient(u.detach()[0, 1:], u.grad[0, 1:], grid)
+            cams[b, j] = _released_cam(u.detach()[0, 1:], u.grad[0, 1:], grid)
             if j == 0:
                 image_features, image_attn = _assemble(backbone, frozen, tokens_out, attn_out,
                                                        feature_layers, attn_layers)

@@ -11,17 +11,23 @@ from tests.cache import cache_fakes as fk
 
 from pipeline.cache.fingerprint import (checkpoint_identity, diff, fingerprint_from_config,
                                         make_fingerprint)
+from pipeline.cache.store import CacheReader, CacheWriter
 from pipeline.config import preset
+from pipeline.errors import CacheError
+from stages import train
+
+
+def sorted_json_sha256(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def test_digest_is_sha256_of_sorted_json_and_order_free():
     fp = fk.tiny_fingerprint()
     body = {k: v for k, v in fp.items() if k != "digest"}
-    want = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    assert fp["digest"] == want
+    assert fp["digest"] == sorted_json_sha256(body)
     reordered = make_fingerprint(**dict(reversed([(k, v) for k, v in body.items()])))
     assert reordered == fp
-    assert fp["grid"] == [4, 4] and fp["schema_version"] == 1
+    assert fp["grid"] == [4, 4] and fp["schema_version"] == 1 and fp["cam_normalisation"] == "minmax-twice"
     assert json.loads(json.dumps(fp)) == fp
 
 
@@ -60,3 +66,41 @@ def test_fingerprint_from_config_tracks_content_not_layout():
         assert key in diff(base, fingerprint_from_config(changed, **kw))
     assert diff(base, fingerprint_from_config(cfg, **{**kw, "manifest": [("2007_000032", [1])]})) == ["manifest_sha256"]
     assert diff(base, fingerprint_from_config(cfg, **{**kw, "prompts": ["x"]})) == ["prompts_sha256"]
+
+
+def old_fingerprint(**stored) -> dict:
+    """The fingerprint a cache made before the two-pass CAM normalisation carries: no cam_normalisation key (or the
+    value `stored` gives), and the digest of exactly that body, as the code of the time wrote it."""
+    body = {k: v for k, v in fk.tiny_fingerprint().items() if k not in ("digest", "cam_normalisation")} | stored
+    return {**body, "digest": sorted_json_sha256(body)}
+
+
+def test_config_fingerprint_records_the_cam_normalisation():
+    kw = dict(grid=(20, 20), prompts=["a clean origami cat."], class_names=["cat"], manifest=[("2007_000032", [0])])
+    assert fingerprint_from_config(preset("voc"), **kw)["cam_normalisation"] == "minmax-twice"
+    assert diff(old_fingerprint(), fk.tiny_fingerprint()) == ["cam_normalisation"]
+
+
+OLD_CACHE = r"the cache at .*old.* was made before CAMs were min-max normalised twice.*re-extract with `weclip extract`"
+
+
+def test_a_cache_made_before_the_fix_is_refused_by_reader_writer_and_trainer(tmp_path):
+    old = tmp_path / "old"
+    CacheWriter.create_or_open(str(old), fk.tiny_spec(), old_fingerprint())  # what the earlier code wrote
+    with pytest.raises(CacheError, match=OLD_CACHE):
+        CacheReader(str(old))
+    with pytest.raises(CacheError, match=OLD_CACHE):  # resuming the extraction, not a generic settings diff
+        CacheWriter.create_or_open(str(old), fk.tiny_spec(), fk.tiny_fingerprint())
+    for resume in (False, True):  # training on it, or resuming a run on it
+        with pytest.raises(CacheError, match=OLD_CACHE):
+            train.run(preset("shapes"), old, tmp_path / "run", resume=resume, device="cpu")
+
+
+def test_a_cache_with_another_cam_normalisation_is_refused(tmp_path):
+    other = tmp_path / "other"
+    CacheWriter.create_or_open(str(other), fk.tiny_spec(), old_fingerprint(cam_normalisation="minmax-once"))
+    with pytest.raises(CacheError, match="made with CAM normalisation 'minmax-once'.*re-extract with `weclip extract`"):
+        CacheReader(str(other))
+    current = tmp_path / "current"
+    CacheWriter.create_or_open(str(current), fk.tiny_spec(), fk.tiny_fingerprint())
+    assert CacheReader(str(current)).fingerprint["cam_normalisation"] == "minmax-twice"

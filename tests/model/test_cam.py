@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from pipeline.model.backbone import FrozenCLIP, block_forward
 from pipeline.model.cam import cam_from_gradient, softmax_gradcam, softmax_gradcam_loop
 from pipeline.model.text import TextEmbeddings
+from pipeline.refinement.refine import box_masks
 
 # Random weights with OpenAI's scale (100) saturate the softmax and give ~1e-20 gradients, CAMs that the 1e-7 of the
 # min-max would dominate. A soft scale keeps every target's gradient ~1e-3, so the comparisons below mean something.
@@ -33,21 +34,30 @@ def backbone(make_tiny_backbone) -> FrozenCLIP:
     return model
 
 
-def released_scale_cam(activations: np.ndarray, grads: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """pytorch_grad_cam's way, in numpy: D×h×w maps, weights = spatial mean of grads, weighted sum, ReLU,
-    then scale_cam_image: x - min, / (1e-7 + max) (docs/algorithm.md §4 steps 1-4)."""
+def released_scale_cam(activations: np.ndarray, grads: np.ndarray, grid: tuple[int, int],
+                       passes: int = 2) -> np.ndarray:
+    """pytorch_grad_cam's way, in numpy (docs/algorithm.md §4 steps 1-4): D×h×w maps, weights = spatial mean of
+    grads, weighted sum, ReLU, scale_cam_image (x - min, / (1e-7 + max)) in compute_cam_per_layer; then, in
+    aggregate_multi_layers, stack the one layer, max(·, 0), mean over layers and scale_cam_image again.
+    passes=1 stops after compute_cam_per_layer: the one-pass CAM of the bug."""
     act = activations.T.reshape(-1, *grid)
     weights = grads.T.reshape(-1, *grid).mean(axis=(1, 2))
-    cam = np.maximum((weights[:, None, None] * act).sum(axis=0), 0)
+    cam = np.maximum((weights[:, None, None] * act).sum(axis=0), 0).astype(np.float32)
     cam = cam - np.min(cam)
-    return cam / (1e-7 + np.max(cam))
+    cam = cam / (1e-7 + np.max(cam))
+    if passes == 1:
+        return cam
+    layers = np.mean(np.maximum(np.stack([cam]), 0), axis=0)
+    layers = layers - np.min(layers)
+    return layers / (1e-7 + np.max(layers))
 
 
 def test_cam_formula_by_hand() -> None:
     act = torch.tensor([[1.0], [3.0], [-2.0], [0.5]])  # N=4 patches, D=1
     grad = torch.tensor([[2.0], [0.0], [1.0], [1.0]])  # weight = mean = 1
-    # CAM = [1, 3, -2, 0.5] → ReLU [1, 3, 0, 0.5] → - min 0 → / (3 + 1e-7)
-    expected = torch.tensor([[1.0, 3.0], [0.0, 0.5]]) / (3.0 + 1e-7)
+    # CAM = [1, 3, -2, 0.5] → ReLU [1, 3, 0, 0.5] → - min 0 → / (3 + 1e-7) → - min 0 → / (peak + 1e-7)
+    once = torch.tensor([[1.0, 3.0], [0.0, 0.5]], dtype=torch.float64) / (3.0 + 1e-7)
+    expected = (once / (once.max() + 1e-7)).float()
     torch.testing.assert_close(cam_from_gradient(act, grad, (2, 2)), expected)
 
 
@@ -60,6 +70,49 @@ def test_cam_formula_matches_released_numpy_batched() -> None:
         for k in range(2):
             expected = released_scale_cam(act[b, k].numpy(), grad[b, k].numpy(), (3, 4))
             np.testing.assert_allclose(ours[b, k].numpy(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, grid", [((5, 16, 64), (4, 4)), ((3, 2, 400, 768), (20, 20))])
+def test_a_cam_is_the_same_bits_whichever_maps_share_its_batch(shape: tuple[int, ...], grid: tuple[int, int]) -> None:
+    g = torch.Generator().manual_seed(7)
+    act, grad = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    together = cam_from_gradient(act, grad, grid).reshape(-1, *grid)
+    for i, (a, d) in enumerate(zip(act.reshape(-1, *shape[-2:]), grad.reshape(-1, *shape[-2:]))):
+        assert torch.equal(together[i], cam_from_gradient(a, d, grid))
+
+
+def tiny_peak_case() -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations and gradients (N=16 patches of a 4×4 grid, D=1) whose raw CAM peaks at 1e-6, as a class with a
+    low softmax probability gets (docs/algorithm.md §4 step 4): patch (0, 0) is the peak, patch (1, 1) sits at
+    0.4005 of it, the rest at 0. After one min-max the peak is 1e-6 / (1e-6 + 1e-7) ≈ 0.909."""
+    act = torch.zeros(16, 1)
+    act[0, 0], act[5, 0] = 1.0, 0.4005
+    return act, torch.full((16, 1), 1e-6)
+
+
+def test_a_tiny_raw_peak_is_normalised_twice_to_one() -> None:
+    act, grad = tiny_peak_case()
+    raw = (act @ grad.mean(dim=0)).max().item()
+    assert raw == pytest.approx(1e-6, rel=1e-6)
+    ours = cam_from_gradient(act, grad, (4, 4))
+    expected = released_scale_cam(act.numpy(), grad.numpy(), (4, 4))
+    np.testing.assert_allclose(ours.numpy(), expected, atol=1e-6)
+    assert abs(ours.max().item() - 1) < 1e-6
+    assert released_scale_cam(act.numpy(), grad.numpy(), (4, 4), passes=1).max() < 0.91  # the case needs pass 2
+
+
+def test_one_pass_gives_another_box_mask() -> None:
+    """CAA's box threshold int(0.4·max(floor(255·cam))) (docs/algorithm.md §5.2 step 4) moves with the peak: after
+    two passes patch (1, 1) is floor(255·0.4005) = 102 > int(0.4·254) = 101, a box of its own; after one pass it is
+    floor(231.8·0.4005) = 92, not > int(0.4·231) = 92."""
+    act, grad = tiny_peak_case()
+    fixed = box_masks(cam_from_gradient(act, grad, (4, 4)), threshold=0.4)
+    one_pass = box_masks(torch.from_numpy(released_scale_cam(act.numpy(), grad.numpy(), (4, 4), passes=1)),
+                         threshold=0.4)
+    assert torch.equal(fixed, box_masks(torch.from_numpy(released_scale_cam(act.numpy(), grad.numpy(), (4, 4))),
+                                        threshold=0.4))
+    assert not torch.equal(fixed, one_pass)
+    assert fixed[1, 1] and not one_pass[1, 1] and fixed[0, 0] and one_pass[0, 0]
 
 
 def test_batched_equals_loop_with_mixed_label_counts(backbone: FrozenCLIP, monkeypatch) -> None:
