@@ -229,6 +229,10 @@ def extract(
                                          "workers use cuda when the cluster has GPUs."),
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, the cache size per array and the time, "
+                                 "then stop: no weights loaded, no image read, nothing written."),
+    views_per_s: Optional[float] = typer.Option(None, "--views-per-s", help="With --dry-run: the throughput to price "
+                                                "the time at (a short --limit run prints this machine's)."),
 ) -> None:
     """Run the frozen CLIP once per training view; write features, attention and Grad-CAMs to a Zarr cache."""
     cfg = _config(preset, set_, config)
@@ -237,7 +241,7 @@ def extract(
     from stages import extract as stage
 
     _print(stage.run(cfg, manifest, out, executor=executor.value, ray_address=ray_address, limit=limit,
-                     progress=_progress(), device=device))
+                     progress=_progress(), device=device, dry_run=dry_run, views_per_s=views_per_s))
 
 
 @app.command()

@@ -18,6 +18,7 @@ from pipeline.cache.store import CacheWriter
 from pipeline.config import Config
 from pipeline.data.manifest import read_manifest
 from pipeline.errors import ConfigError
+from pipeline.extract import estimate
 from pipeline.extract.plan import ShardTask, cache_layout, make_plan
 from pipeline.extract.ray_runner import run_ray
 from pipeline.extract.worker import ExtractJob, ShardOutcome, run_shard
@@ -71,12 +72,15 @@ class ExtractSummary:
 
 def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Executor = "ray",
         ray_address: str | None = None, limit: int | None = None, progress: bool = True,
-        model_configs: Sequence[str | Path] = (), device: str | None = None) -> ExtractSummary:
+        model_configs: Sequence[str | Path] = (), device: str | None = None, dry_run: bool = False,
+        views_per_s: float | None = None) -> ExtractSummary | estimate.DryRunSummary:
     """Extract the feature cache of a manifest into `out` (a local folder or an fsspec URL); resume if it exists.
 
     executor: "ray" (a local Ray sized to this machine, or the cluster at `ray_address`) or "inline" (this process).
     limit: only the first `limit` images of the manifest (a different plan, so a different cache).
     model_configs: extra open_clip model config JSONs to register in the driver and every worker.
+    dry_run: only plan, and return the bill (`pipeline.extract.estimate`): no weights loaded, no image decoded,
+    nothing written or read at `out`; `views_per_s` (dry runs only) prices the time.
     Raises FingerprintMismatch when `out` holds a cache made with other settings.
     """
     if executor not in ("ray", "inline"):
@@ -85,6 +89,10 @@ def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Execu
     manifest = read_manifest(manifest_path)
     plan = make_plan(manifest, cfg, limit)
     configs = tuple(str(Path(p).resolve()) for p in model_configs)  # workers may run in another folder
+    if dry_run:
+        return estimate.dry_run(cfg, plan, str(out), configs, views_per_s)
+    if views_per_s is not None:
+        raise ConfigError("--views-per-s prices a dry run; add --dry-run, or drop --views-per-s")
     # the driver's backbone (inline: the one that extracts); Ray workers use cuda when the cluster has GPUs
     device = str(default_device(device)) if executor == "inline" else "cpu"
     backbone = load_backbone(cfg.model, device, configs)
