@@ -233,6 +233,8 @@ def extract(
                                  "then stop: no weights loaded, no image read, nothing written."),
     views_per_s: Optional[float] = typer.Option(None, "--views-per-s", help="With --dry-run: the throughput to price "
                                                 "the time at (a short --limit run prints this machine's)."),
+    verify: bool = typer.Option(False, "--verify", help="On an existing cache, re-read every committed shard against "
+                                "its checksums (not only file sizes) and rewrite the damaged ones."),
 ) -> None:
     """Run the frozen CLIP once per training view; write features, attention and Grad-CAMs to a Zarr cache."""
     cfg = _config(preset, set_, config)
@@ -241,15 +243,18 @@ def extract(
     from stages import extract as stage
 
     _print(stage.run(cfg, manifest, out, executor=executor.value, ray_address=ray_address, limit=limit,
-                     progress=_progress(), device=device, dry_run=dry_run, views_per_s=views_per_s))
+                     progress=_progress(), device=device, dry_run=dry_run, views_per_s=views_per_s,
+                     verify=verify))
 
 
 @app.command()
-def inspect(cache: str = typer.Argument(..., help="Cache path or fsspec URL.")) -> None:
-    """Show a cache's fingerprint, counts, bytes per sample and skipped images."""
+def inspect(cache: str = typer.Argument(..., help="Cache path or fsspec URL."),
+            verify: bool = typer.Option(False, "--verify", help="Re-read every committed shard against its checksums "
+                                        "(reads all the data; without it, file sizes only).")) -> None:
+    """Show a cache's fingerprint, counts, bytes per sample, skipped images and damaged shards."""
     from stages import inspect as stage
 
-    _print(stage.run(cache))
+    _print(stage.run(cache, verify=verify))
 
 
 @app.command()
@@ -267,6 +272,8 @@ def train(
     set_: Optional[list[str]] = SetOpt,
     val: Optional[Path] = typer.Option(None, "--val", help="Val manifest (with masks), scored every train.val_every "
                                        "steps (with --val, default train.checkpoint_every); the best: best.pt."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Train on a cache whose extraction has not "
+                                       "finished (its committed samples), with a warning; refused otherwise."),
 ) -> None:
     """Train the decoder with RFM + PAR from the cache (or --online, the released code's way)."""
     from stages import train as stage
@@ -282,7 +289,7 @@ def train(
         cfg = cfg.replace(train={"val_every": cfg.train.checkpoint_every})
     _print(stage.run(cfg, cache, require_local(out, "run folder"), resume=resume, online_manifest=online,
                      max_steps=max_steps, device=device, progress=_progress(), explicit=_explicit(config, set_),
-                     val_manifest=val))
+                     val_manifest=val, allow_partial=allow_partial))
 
 
 @app.command()

@@ -43,6 +43,7 @@ class ExtractSummary:
     shards: int
     shards_written: int  # by this run
     shards_resumed: int  # already committed when the run started
+    shards_repaired: int  # committed, but with missing, wrong-size (or, with verify, corrupt) files: rewritten
     seconds: float  # whole run, Ray start and model load included
     extract_seconds: float  # the shard phase only
     bytes_per_view: float  # on disk, committed shards, all arrays
@@ -60,7 +61,7 @@ class ExtractSummary:
             f"feature cache {self.out} (fingerprint {self.fingerprint[:16]})",
             f"  plan: {self.views_planned} views of {self.images} images in {self.shards} shards",
             f"  this run: {self.views_written} views written, {self.views_skipped} skipped, {self.shards_written} "
-            f"shards ({self.shards_resumed} already committed), executor {self.executor} on {self.device}",
+            f"shards ({self.shards_resumed} already committed, {self.shards_repaired} repaired), executor {self.executor} on {self.device}",
             f"  {self.seconds:.1f} s in all, {self.extract_seconds:.1f} s extracting, {self.views_per_s:.2f} views/s",
             f"  cache: {self.views_in_cache} views, {self.bytes_per_view / 1e6:.3f} MB/view on disk "
             f"({self.raw_bytes_per_view / 1e6:.3f} MB raw)",
@@ -73,7 +74,7 @@ class ExtractSummary:
 def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Executor = "ray",
         ray_address: str | None = None, limit: int | None = None, progress: bool = True,
         model_configs: Sequence[str | Path] = (), device: str | None = None, dry_run: bool = False,
-        views_per_s: float | None = None) -> ExtractSummary | estimate.DryRunSummary:
+        views_per_s: float | None = None, verify: bool = False) -> ExtractSummary | estimate.DryRunSummary:
     """Extract the feature cache of a manifest into `out` (a local folder or an fsspec URL); resume if it exists.
 
     executor: "ray" (a local Ray sized to this machine, or the cluster at `ray_address`) or "inline" (this process).
@@ -81,6 +82,8 @@ def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Execu
     model_configs: extra open_clip model config JSONs to register in the driver and every worker.
     dry_run: only plan, and return the bill (`pipeline.extract.estimate`): no weights loaded, no image decoded,
     nothing written or read at `out`; `views_per_s` (dry runs only) prices the time.
+    verify: on an existing cache, re-read every committed shard against its checksums (else sizes only); damaged
+    shards are uncommitted and rewritten.
     Raises FingerprintMismatch when `out` holds a cache made with other settings.
     """
     if executor not in ("ray", "inline"):
@@ -100,6 +103,7 @@ def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Execu
     root = _cache_root(out)
     provenance = {"config": cfg.to_dict(), "class_set": plan.classes.to_dict()}  # what train and evaluate adopt
     writer = CacheWriter.create_or_open(root, spec, fingerprint, provenance)  # once, before any worker (§3.3)
+    repaired = writer.uncommit_damaged(verify)  # damaged committed shards lose their commit and are rerun
     committed = writer.committed()
     tasks = [plan.task(s) for s in range(plan.n_shards) if s not in committed]
     job = ExtractJob(cfg=cfg, out=root, spec=spec, fingerprint=fingerprint, classes=plan.classes,
@@ -127,7 +131,7 @@ def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Execu
         views_planned=plan.total_samples, views_written=sum(o.samples for o in outcomes),
         views_skipped=sum(o.skipped_views for o in outcomes), views_in_cache=views_in_cache,
         skipped=tables.skipped.select(["image_id", "reason", "shard"]).to_pylist(), shards=plan.n_shards,
-        shards_written=len(outcomes), shards_resumed=len(committed), seconds=time.perf_counter() - started,
+        shards_written=len(outcomes), shards_resumed=len(committed), shards_repaired=len(repaired), seconds=time.perf_counter() - started,
         extract_seconds=extract_seconds, bytes_per_view=sum(s["bytes"] for s in shards) / max(views_in_cache, 1),
         raw_bytes_per_view=sum(a.sample_nbytes for a in spec.arrays().values()))
 

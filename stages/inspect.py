@@ -1,6 +1,8 @@
 """`weclip inspect`: what a feature cache holds — fingerprint, counts, sizes, skipped images.
 
-Reads only metadata (root attributes, commit records or the finalized Parquet tables), never the arrays.
+Reads metadata (root attributes, commit records or the finalized Parquet tables) and the size of every committed
+shard file; with `verify`, also re-reads every committed shard against its checksums. A cache with missing or
+damaged shards is never called complete.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from pipeline.cache.store import CacheReader, CacheRoot
+from pipeline.cache.store import CacheReader, CacheRoot, describe_damage
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,8 @@ class InspectSummary:
     planned_samples: int
     shards_committed: int
     shards_missing: list[int]
+    shards_damaged: dict[int, list[str]]  # committed shards with missing, wrong-size (verify: corrupt) files
+    verified: bool  # whether the checksums were re-read
     bytes_on_disk: dict[str, int]  # per array of the cache spec, in its order; committed shards
     raw_bytes_per_sample: dict[str, int]  # per array, decoded
     skipped: list[dict[str, Any]]  # image_id, reason, shard
@@ -47,6 +51,7 @@ class InspectSummary:
             f"(plan: {self.planned_samples})",
             f"  shards: {self.shards_committed} committed, {len(self.shards_missing)} missing"
             + (f" [{missing}]" if self.shards_missing else ""),
+            _integrity(self.shards_damaged, self.shards_missing, self.verified),
             f"  per sample: {_mb(self.bytes_per_sample)} on disk, {_mb(raw)} raw "
             f"(×{raw / max(self.bytes_per_sample, 1e-9):.2f})",
         ]
@@ -58,8 +63,9 @@ class InspectSummary:
         return "\n".join(lines)
 
 
-def run(cache_path: CacheRoot) -> InspectSummary:
-    reader = CacheReader(cache_path)
+def run(cache_path: CacheRoot, verify: bool = False) -> InspectSummary:
+    """What the cache holds; `verify` re-reads every committed shard (slow: all the data) instead of sizes only."""
+    reader = CacheReader(cache_path, check_files=False)
     tables = reader.tables
     shards = tables.shards.to_pylist()
     index = tables.index
@@ -73,10 +79,21 @@ def run(cache_path: CacheRoot) -> InspectSummary:
         planned_samples=reader.spec.total_samples,
         shards_committed=sum(s["status"] == "committed" for s in shards),
         shards_missing=[s["shard"] for s in shards if s["status"] != "committed"],
+        shards_damaged=reader.damaged(verify),
+        verified=verify,
         bytes_on_disk={name: sum(s[f"bytes_{name}"] for s in shards) for name in reader.schemas},
         raw_bytes_per_sample={name: a.sample_nbytes for name, a in reader.schemas.items()},
         skipped=tables.skipped.select(["image_id", "reason", "shard"]).to_pylist(),
     )
+
+
+def _integrity(damaged: dict[int, list[str]], missing: list[int], verified: bool) -> str:
+    """One line: the damaged shards and how to repair them, or whether the cache is complete."""
+    if damaged:
+        return (f"  DAMAGED: {describe_damage(damaged)}; rerun `weclip extract` with the same settings and --out"
+                + (" --verify" if verified else "") + " to rewrite them")
+    checked = "checksums verified" if verified else "file sizes checked (--verify re-reads the checksums)"
+    return f"  {'incomplete' if missing else 'complete'}: {checked}"
 
 
 def _mb(n: float) -> str:

@@ -54,6 +54,7 @@ class TrainSummary:
     rfm_on: bool  # whether RFM was active at the last step
     checkpoint: str
     metrics: str
+    samples: int  # the samples the run draws from (cache: committed ones of the chosen views; online: images)
     best_step: int | None = None  # the checkpoint step of the best validation mIoU (train.val_every), if any
     best_val_miou: float | None = None
     best_checkpoint: str | None = None
@@ -66,7 +67,7 @@ class TrainSummary:
         speed = "n/a" if self.mean_s_per_step is None else f"{self.mean_s_per_step:.3f} s/step"
         return "\n".join([
             f"trained {self.steps_run} steps ({self.start_step} -> {self.final_step}) from the {self.source} "
-            f"(fingerprint {self.fingerprint[:16]}) on {self.device}",
+            f"(fingerprint {self.fingerprint[:16]}, {self.samples} samples) on {self.device}",
             f"  last loss {loss}, {speed}, RFM {'on' if self.rfm_on else 'off'}",
             f"  checkpoint {self.checkpoint}", f"  metrics {self.metrics}"]
             + ([] if self.best_step is None else
@@ -76,7 +77,8 @@ class TrainSummary:
 def run(cfg: Config, cache_path: str | Path | None, out_dir: str | Path, resume: bool = False,
         online_manifest: str | Path | None = None, max_steps: int | None = None, progress: bool = True,
         device: str | None = None, model_configs: Sequence[str | Path] = (),
-        explicit: Iterable[str] | None = None, val_manifest: str | Path | None = None) -> TrainSummary:
+        explicit: Iterable[str] | None = None, val_manifest: str | Path | None = None,
+        allow_partial: bool = False) -> TrainSummary:
     """Train the decoder for `cfg.train.iterations` steps (or up to global step `max_steps`, if smaller).
 
     cache_path: the feature cache (ignored with `online_manifest`, which trains online from that manifest).
@@ -87,14 +89,15 @@ def run(cfg: Config, cache_path: str | Path | None, out_dir: str | Path, resume:
     (--set / --config); from a cache, the settings it fixes (model, text, aug, extract) are taken from it, and one
     of them set to another value is an error (None: every field of `cfg` counts as set). The run's resolved config
     is written to `out_dir/config.json`. val_manifest: a manifest with masks, scored every `train.val_every` steps
-    (`val_miou` in metrics.jsonl, the best checkpoint as `best.pt`).
+    (`val_miou` in metrics.jsonl, the best checkpoint as `best.pt`). allow_partial: train on a cache whose
+    extraction has not finished (planned shards without commit record), with a warning; refused otherwise.
     """
     out_dir = require_local(out_dir, "output folder")
     dev = default_device(device)
     if online_manifest is None and cache_path is None:
         raise TrainError("give a feature cache (cache_path) or a manifest to train online (online_manifest)")
     source: Source = (OnlineSource(cfg, online_manifest, dev, model_configs) if online_manifest is not None
-                      else CachedSource(cfg, cache_path, dev, explicit))
+                      else CachedSource(cfg, cache_path, dev, explicit, allow_partial))
     cfg = source.cfg
     end = cfg.train.iterations if max_steps is None else min(max_steps, cfg.train.iterations)
     batch_positions(0, source.n_samples, cfg.train.batch_size, cfg.train.seed)  # fail now if one batch cannot fill
@@ -159,7 +162,7 @@ def run(cfg: Config, cache_path: str | Path | None, out_dir: str | Path, resume:
                         last_loss=None if last is None else last["loss"],
                         mean_s_per_step=float(np.mean(times)) if times else None,
                         rfm_on=rfm_active(final - 1, cfg.refine) if final else False,
-                        checkpoint=str(latest), metrics=str(metrics_path),
+                        checkpoint=str(latest), metrics=str(metrics_path), samples=source.n_samples,
                         best_step=None if best is None else best[0], best_val_miou=None if best is None else best[1],
                         best_checkpoint=None if best is None else str(out_dir / BEST_NAME))
 

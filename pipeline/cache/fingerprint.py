@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.cache.schema import SCHEMA_VERSION
+from pipeline.cache.schema import CONTENT_VERSION
 from pipeline.errors import CacheError
 from pipeline.files import sha256_file
 from pipeline.config import Config
@@ -39,7 +39,7 @@ FINGERPRINT_KEYS = (
     "seed",
     "augmentation",  # the AugConfig as a dict
     "manifest_sha256",  # hash of the manifest's (image_id, labels) list, so a changed dataset is a new cache
-    "schema_version",
+    "schema_version",  # CONTENT_VERSION: what the arrays hold (not the store format, SCHEMA_VERSION)
     "cam_normalisation",  # CAM_NORMALISATION of the code that made the cache
 )
 
@@ -59,7 +59,7 @@ def make_fingerprint(**parts: Any) -> dict[str, Any]:
 
     Missing or unknown keys raise, so a new content-determining setting cannot be silently left out.
     """
-    parts = {"schema_version": SCHEMA_VERSION, "cam_normalisation": CAM_NORMALISATION, **parts}
+    parts = {"schema_version": CONTENT_VERSION, "cam_normalisation": CAM_NORMALISATION, **parts}
     missing = [k for k in FINGERPRINT_KEYS if k not in parts]
     unknown = sorted(set(parts) - set(FINGERPRINT_KEYS))
     if missing or unknown:

@@ -22,6 +22,10 @@ Per-sample arrays, declared by `CacheSpec.arrays()` (ViT-B/16, crop 320: grid 20
 "float" is the cache dtype: float16 (default), float32 or bfloat16. Zarr 3 has no bfloat16 data type, so
 bfloat16 is stored as its raw bits in uint16 (array attribute `weclip_dtype: bfloat16`) and decoded to
 float32 on read, which is exact. Rows of a skipped image are never written and read as the fill value.
+
+Every chunk ends with a crc32c checksum (the store appends that codec to each array's chain, `store._create`),
+verified by zarr on every read; the shard index carries its own (zarr's default index codecs). A damaged chunk
+or index then fails to decode instead of reading as wrong values.
 """
 from __future__ import annotations
 
@@ -36,8 +40,12 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from pipeline.errors import CacheError, ConfigError
 
-SCHEMA_VERSION = 1
-KNOWN_SCHEMA_VERSIONS = frozenset({1})
+# The store's format (root attribute, commit records). 2: a crc32c checksum ends every chunk's codec chain.
+SCHEMA_VERSION = 2
+KNOWN_SCHEMA_VERSIONS = frozenset({2})
+# The fingerprint's `schema_version`: what the arrays hold. A change of the bytes on disk only (format 2) leaves it,
+# so the digest, and with it a checkpoint trained on the old cache, stays valid for the re-extracted cache.
+CONTENT_VERSION = 1
 
 ROOT_ATTR = "weclip_cache"  # root group attribute holding {schema_version, fingerprint, spec}
 DTYPE_ATTR = "weclip_dtype"  # array attribute: the logical dtype when it differs from the stored one
@@ -190,7 +198,8 @@ class ArraySchema:
         return bfloat16_to_float32(stored) if self.dtype == "bfloat16" else stored
 
     def zarr_kwargs(self, spec: CacheSpec) -> dict[str, Any]:
-        """Arguments of `zarr.Group.create_array` for this array: chunk = one sample, shard = one work unit."""
+        """Arguments of `zarr.Group.create_array` for this array: chunk = one sample, shard = one work unit. The
+        store appends its checksum codec to `compressors` (`store._create`)."""
         return {
             "name": self.name,
             "shape": (spec.total_samples, *self.shape),

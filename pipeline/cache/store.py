@@ -27,12 +27,13 @@ import hashlib
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any, AsyncIterator, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import zarr
 from zarr.abc.store import Store
+from zarr.codecs import Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.errors import GroupNotFoundError
@@ -96,6 +97,20 @@ class CacheWriter:
 
     def committed(self) -> set[int]:
         return set(_list_commits(self.store))
+
+    def uncommit_damaged(self, verify: bool = False) -> dict[int, list[str]]:
+        """Delete the commit record of every committed shard whose files are missing or of another size than the
+        record says (with `verify`, also of every shard whose rows fail their checksums), so that the run that
+        follows rewrites it like any uncommitted shard; {shard: damaged arrays}."""
+        commits = _load_commits(self.store, self.fingerprint["digest"])
+        bad = _file_damage(self.store, self._arrays, {s: c.nbytes for s, c in commits.items()})
+        if verify:
+            bad = _merge_damage(bad, _checksum_damage(self._arrays, self.spec, commits), self._schemas)
+        if bad:
+            with _writing(self.store, _name(self.store)):
+                for shard in bad:
+                    _delete(self.store, commit_key(shard))
+        return bad
 
     def write_shard(self, shard_index: int, arrays: dict[str, np.ndarray], rows: list[dict[str, Any]],
                     skipped: Sequence[dict[str, Any]] = ()) -> ShardCommit:
@@ -163,9 +178,14 @@ class CacheWriter:
 
 
 class CacheReader:
-    """Read-only view of the committed part of a cache."""
+    """Read-only view of the committed part of a cache.
 
-    def __init__(self, root: CacheRoot):
+    Opening checks that every committed shard's files exist with the sizes their commit records state (one size
+    request per file) and raises a CacheError naming the damaged shards; `check_files=False` opens a damaged
+    cache anyway, for `weclip inspect`, which lists `damaged()` instead. Every chunk read is checksummed (crc32c):
+    a damaged chunk raises a CacheError naming the array and the shard."""
+
+    def __init__(self, root: CacheRoot, check_files: bool = True):
         self.root = root
         self.store = open_store(root, read_only=True)
         meta = _root_meta(self.store)
@@ -181,6 +201,10 @@ class CacheReader:
         self._arrays = {name: group[name] for name in self.schemas}
         self._tables: CacheTables | None = None
         self._visible: np.ndarray | None = None  # committed rows, built on the first read
+        if check_files and (bad := self.damaged()):
+            raise CacheError(f"the feature cache at {_name(root)} has committed shards whose files are missing or "
+                             f"of the wrong size: {describe_damage(bad)}; rerun `weclip extract` with the same "
+                             "settings and --out to rewrite them")
 
     @property
     def tables(self) -> CacheTables:
@@ -205,15 +229,13 @@ class CacheReader:
 
     def verify(self) -> dict[int, list[str]]:
         """Re-read every committed shard and compare with its commit checksums; {shard: bad arrays}."""
-        bad = {}
-        for shard, commit in _load_commits(self.store, self.fingerprint["digest"]).items():
-            planned = self.spec.shard_rows(shard)
-            present = np.array([r["row"] for r in commit.rows], dtype=np.int64) - planned.start
-            wrong = [name for name, array in self._arrays.items()
-                     if sha256_array(array[planned.start:planned.stop][present]) != commit.checksums[name]]
-            if wrong:
-                bad[shard] = wrong
-        return bad
+        return _checksum_damage(self._arrays, self.spec, _load_commits(self.store, self.fingerprint["digest"]))
+
+    def damaged(self, verify: bool = False) -> dict[int, list[str]]:
+        """Committed shards with a missing or wrong-size file (no data read), and with `verify` also those whose
+        rows fail their checksums (`verify()`); {shard: damaged arrays}. `weclip extract` rewrites them."""
+        bad = _file_damage(self.store, self._arrays, _recorded_sizes(self.tables.shards, self.schemas))
+        return _merge_damage(bad, self.verify(), self.schemas) if verify else bad
 
     def _read_stored(self, rows: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
         """One concurrent request per (array, row): each reads only that sample's chunk from its shard file.
@@ -221,9 +243,17 @@ class CacheReader:
         positions = np.asarray(rows, dtype=np.int64).reshape(-1)
         self._check_committed(positions)
 
+        async def fetch_row(name: str, array: zarr.Array, p: int) -> Any:
+            try:
+                return await array.async_array.getitem(slice(p, p + 1))
+            except ValueError as e:  # zarr's crc32c mismatch (of the chunk or of the shard index)
+                raise CacheError(f"the feature cache at {_name(self.root)}: array {name!r} of shard "
+                                 f"{p // self.spec.samples_per_shard} (row {p}) is damaged ({e}); rerun `weclip "
+                                 "extract --verify` with the same settings and --out to rewrite it") from e
+
         async def fetch() -> list[Any]:
-            return await asyncio.gather(*(array.async_array.getitem(slice(p, p + 1))
-                                          for array in self._arrays.values() for p in positions.tolist()))
+            return await asyncio.gather(*(fetch_row(name, array, p)
+                                          for name, array in self._arrays.items() for p in positions.tolist()))
         parts = iter(sync(fetch()))
         return {name: np.concatenate([next(parts) for _ in positions], axis=0) if len(positions)
                 else np.zeros((0, *self.schemas[name].shape), self.schemas[name].storage_dtype)
@@ -273,10 +303,12 @@ def sha256_array(values: np.ndarray) -> str:
 
 
 def _create(store: Store, spec: CacheSpec, fingerprint: dict[str, Any], provenance: dict[str, Any]) -> zarr.Group:
-    """Arrays first, the root attribute last: a crash in between leaves a group the next call recreates."""
+    """Arrays first, the root attribute last: a crash in between leaves a group the next call recreates. Each
+    array's codec chain ends with crc32c, which zarr checks on every chunk read (schema version 2)."""
     group = zarr.create_group(store, overwrite=True)
     for schema in spec.arrays().values():
-        group.create_array(**schema.zarr_kwargs(spec), overwrite=True)
+        kwargs = schema.zarr_kwargs(spec)
+        group.create_array(**{**kwargs, "compressors": (*kwargs["compressors"], Crc32cCodec())}, overwrite=True)
     if "config" in provenance:
         _set(store, CONFIG_KEY, (json.dumps(provenance["config"], indent=2) + "\n").encode())
     group.attrs.update({ROOT_ATTR: {"schema_version": SCHEMA_VERSION, "fingerprint": fingerprint,
@@ -309,6 +341,10 @@ def _check_version(meta: dict[str, Any], root: CacheRoot) -> None:
     if version is None:
         raise NotACache(f"{_name(root)} is a zarr group but not a weclip feature cache (no {ROOT_ATTR!r} root "
                         "attribute); check the path")
+    if isinstance(version, int) and version < min(KNOWN_SCHEMA_VERSIONS):
+        raise NotACache(f"{_name(root)} has cache schema version {version}, an older format (without per-chunk "
+                        f"checksums) than this code's {SCHEMA_VERSION}; re-extract it with `weclip extract` into a "
+                        "new --out (or delete the old cache first)")
     if version not in KNOWN_SCHEMA_VERSIONS:
         raise NotACache(f"{_name(root)} has cache schema version {version}; this code reads versions "
                         f"{sorted(KNOWN_SCHEMA_VERSIONS)}. Re-extract with this version or use a matching weclip")
@@ -334,6 +370,63 @@ def _load_commits(store: Store, digest: str) -> dict[int, ShardCommit]:
                              f"shard {commit.shard}); delete it and rerun extract to rewrite the shard")
         commits[shard] = commit
     return commits
+
+
+def describe_damage(bad: dict[int, list[str]]) -> str:
+    """'shard 3 (features, attn), shard 7 (image)' for the first few damaged shards, then how many more."""
+    return first_few([f"shard {s} ({', '.join(names)})" for s, names in sorted(bad.items())])
+
+
+def first_few(items: Sequence[Any], shown: int = 5) -> str:
+    """The first `shown` items, comma-separated, and how many more there are: messages stay one readable line."""
+    more = len(items) - shown
+    return ", ".join(map(str, items[:shown])) + (f" and {more} more" if more > 0 else "")
+
+
+def _recorded_sizes(shards: pa.Table, names: Sequence[str]) -> dict[int, dict[str, int]]:
+    """{committed shard: {array: file size its commit record states}} from the shard table."""
+    return {r["shard"]: {n: r[f"bytes_{n}"] for n in names} for r in shards.to_pylist() if r["status"] == "committed"}
+
+
+def _file_damage(store: Store, arrays: dict[str, zarr.Array],
+                 recorded: dict[int, dict[str, int]]) -> dict[int, list[str]]:
+    """Arrays of each shard whose file is absent or has another size than recorded (an absent file counts as
+    0 bytes: a shard whose rows are all skipped has none); one concurrent size request per file."""
+    files = [(shard, name, _shard_key(array, shard)) for shard in sorted(recorded) for name, array in arrays.items()]
+
+    async def size(key: str) -> int:
+        return await store.getsize(key) if await store.exists(key) else 0
+
+    async def sizes() -> list[int]:
+        return await asyncio.gather(*(size(key) for _, _, key in files))
+    bad: dict[int, list[str]] = {}
+    for (shard, name, _), n in zip(files, sync(sizes())):
+        if n != recorded[shard][name]:
+            bad.setdefault(shard, []).append(name)
+    return bad
+
+
+def _checksum_damage(arrays: dict[str, zarr.Array], spec: CacheSpec,
+                     commits: dict[int, ShardCommit]) -> dict[int, list[str]]:
+    """Arrays of each committed shard whose rows, re-read, differ from the commit's sha256 or fail to decode."""
+    bad: dict[int, list[str]] = {}
+    for shard, commit in sorted(commits.items()):
+        planned = spec.shard_rows(shard)
+        present = np.array([r["row"] for r in commit.rows], dtype=np.int64) - planned.start
+        for name, array in arrays.items():
+            try:
+                intact = sha256_array(array[planned.start:planned.stop][present]) == commit.checksums[name]
+            except ValueError:  # zarr's crc32c mismatch
+                intact = False
+            if not intact:
+                bad.setdefault(shard, []).append(name)
+    return bad
+
+
+def _merge_damage(a: dict[int, list[str]], b: dict[int, list[str]], names: Iterable[str]) -> dict[int, list[str]]:
+    """Both findings per shard, arrays in the spec's order."""
+    order = list(names)
+    return {s: [n for n in order if n in a.get(s, ()) or n in b.get(s, ())] for s in sorted({*a, *b})}
 
 
 def _list_commits(store: Store) -> list[int]:

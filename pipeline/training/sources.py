@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.cache.store import CacheReader
+from pipeline.cache.store import CacheReader, first_few
 from pipeline.config import Config
 from pipeline.data.augment import apply_view, draw_view, normalise, valid_mask
 from pipeline.data.images import ImageDecodeError, load_manifest_rgb
@@ -124,13 +125,15 @@ class Source(Protocol):
 
 class CachedSource:
     """The committed samples of a feature cache. The run's config is `cfg` with the settings the cache fixes
-    (`pipeline.provenance.adopt`: a contradicting setting in `explicit` is an error; None = all of `cfg`)."""
+    (`pipeline.provenance.adopt`: a contradicting setting in `explicit` is an error; None = all of `cfg`).
+    A cache with planned shards that have no commit record is refused unless `allow_partial`, which trains on the
+    committed samples with a warning."""
 
     def __init__(self, cfg: Config, cache_path: str | Path, device: torch.device,
-                 explicit: Iterable[str] | None = None):
-        reader = CacheReader(str(cache_path))  # NotACache names the path when it is not a cache
+                 explicit: Iterable[str] | None = None, allow_partial: bool = False):
+        reader = CacheReader(str(cache_path))  # NotACache names the path; damaged shard files raise CacheError
         source = f"the feature cache at {cache_path}"
-        rows = _training_rows(reader, cfg.train.views, cache_path)
+        rows = _training_rows(reader, cfg.train.views, cache_path, allow_partial)
         recorded, self.classes = cache_provenance(reader.provenance, reader.fingerprint, source)
         cfg = adopt(cfg, recorded, explicit, source)
         check_moved_backbone(cfg, reader.fingerprint["checkpoint"], source)
@@ -183,8 +186,12 @@ class OnlineSource:
                          image=image, valid=torch.as_tensor(item["valid"]).to(self.device), grid=cams.grid)
 
 
-def _training_rows(reader: CacheReader, views: int | None, cache_path: str | Path) -> np.ndarray:
+def _training_rows(reader: CacheReader, views: int | None, cache_path: str | Path,
+                   allow_partial: bool = False) -> np.ndarray:
     """The sorted committed rows the run trains on: all, or those of views 0..views-1 (`train.views`).
+
+    An incomplete cache (an extraction that stopped early) would silently train on fewer, unevenly drawn samples:
+    it is refused, or with `allow_partial` used with a warning.
 
     Rows are numbered image-major (row = image · extract.views + view), so the rows of the first k views of a
     cache, in order, visit the images exactly as a k-view cache of the same images does: a run with
@@ -193,6 +200,7 @@ def _training_rows(reader: CacheReader, views: int | None, cache_path: str | Pat
     if not index.num_rows:
         raise TrainError(f"the feature cache at {cache_path} has no committed samples; run `weclip extract` "
                          "to completion (it resumes) before training")
+    _check_complete(reader, cache_path, allow_partial)
     rows, view = index.column("row").to_numpy(), index.column("view").to_numpy()
     if views is not None:
         stored = int(reader.fingerprint["views"])
@@ -201,3 +209,17 @@ def _training_rows(reader: CacheReader, views: int | None, cache_path: str | Pat
                              f"per image; choose 1..{stored} (or leave train.views unset to use them all)")
         rows = rows[view < views]
     return np.sort(rows)
+
+
+def _check_complete(reader: CacheReader, cache_path: str | Path, allow_partial: bool) -> None:
+    """Refuse a cache with uncommitted planned shards, naming them; with `allow_partial`, warn instead."""
+    missing = sorted(set(range(reader.spec.n_shards)) - reader.committed())
+    if not missing:
+        return
+    what = (f"the feature cache at {cache_path} is incomplete: {len(missing)} of {reader.spec.n_shards} planned "
+            f"shards have no commit record (shards {first_few(missing)}), {reader.index.num_rows} of "
+            f"{reader.spec.total_samples} planned samples are committed")
+    if not allow_partial:
+        raise TrainError(f"{what}; rerun `weclip extract` with the same settings and --out (it resumes), or pass "
+                         "--allow-partial to train on the committed samples")
+    warnings.warn(f"{what}; training on those (--allow-partial)", stacklevel=2)

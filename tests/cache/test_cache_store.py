@@ -475,3 +475,25 @@ def test_an_array_declared_by_the_spec_is_written_indexed_and_read(tmp_path, spe
     assert commit.checksums["gt_mask"] == hashlib.sha256(shard_masks.tobytes()).hexdigest()
     assert not (np.asarray(zarr.open_group(LocalStore(root), mode="r")["gt_mask"][6:8]) != 255).any()  # skipped img3
     assert reader.verify() == {}
+
+
+def test_an_older_schema_version_is_refused_with_re_extract(tmp_path, spec, fingerprint):
+    old = tmp_path / "old"
+    write_all(str(old), spec, fingerprint, shards=[])
+    group = zarr.open_group(LocalStore(old), mode="r+")
+    group.attrs["weclip_cache"] = {**group.attrs["weclip_cache"], "schema_version": 1}
+    for open_it in (lambda: CacheReader(str(old)), lambda: CacheWriter.create_or_open(str(old), spec, fingerprint)):
+        with pytest.raises(NotACache, match=rf"{re.escape(str(old))} has cache schema version 1.*re-extract"):
+            open_it()
+
+
+def test_a_short_shard_file_is_refused_at_open_and_listed(tmp_path, spec, fingerprint):
+    root = tmp_path / "cache"
+    write_all(str(root), spec, fingerprint).finalize()
+    path = root / "image" / "c" / "2" / "0" / "0" / "0"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CacheError, match=r"shard 2 \(image\).*rerun `weclip extract`"):
+        CacheReader(str(root))
+    assert CacheReader(str(root), check_files=False).damaged() == {2: ["image"]}
+    writer = CacheWriter.create_or_open(str(root), spec, fingerprint)
+    assert writer.uncommit_damaged() == {2: ["image"]} and writer.committed() == {0, 1}
