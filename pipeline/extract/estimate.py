@@ -26,10 +26,12 @@ from pipeline.extract.plan import ExtractPlan, cache_layout
 from pipeline.model.backbone import MODEL_CONFIG_DIR, register_model_configs
 
 # zarr v3 sharding: each shard file ends in an index of one (offset, length) uint64 pair per chunk slot (= sample;
-# a short last shard still has `samples_per_shard` slots) and the index's crc32c. An uncompressed array takes exactly
-# its samples' sample_nbytes plus that index per shard (tests/stages/test_extract_dry_run.py checks it on disk).
+# a short last shard still has `samples_per_shard` slots) and the index's crc32c; every chunk ends in its own crc32c
+# (pipeline/cache/store.py). An uncompressed array takes exactly its samples' sample_nbytes plus their checksums plus
+# that index per shard (tests/stages/test_extract_dry_run.py checks it on disk).
 INDEX_BYTES_PER_SLOT = 16
 INDEX_CHECKSUM_BYTES = 4
+CHUNK_CHECKSUM_BYTES = 4
 
 # raw / stored bytes per sample (shard index included) from benchmarks/results/cache_codecs.json: ViT-B-16-quickgelu
 # with random weights, crop 320, float16, 8 samples per shard. tests/extract/test_estimate.py keeps it equal to the
@@ -126,7 +128,8 @@ def array_estimate(array: ArraySchema, spec: CacheSpec) -> ArrayEstimate:
                                  "measured", ratio)
         basis = "not measured"
     index = spec.n_shards * (spec.samples_per_shard * INDEX_BYTES_PER_SLOT + INDEX_CHECKSUM_BYTES)
-    return ArrayEstimate(array.name, array.shape, array.dtype, raw, spec.total_samples * raw + index, basis, None)
+    stored = spec.total_samples * (raw + CHUNK_CHECKSUM_BYTES) + index
+    return ArrayEstimate(array.name, array.shape, array.dtype, raw, stored, basis, None)
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,8 @@ def test_vit_b16_voc_figures_are_exact_without_weights(tmp_path):
                    "cams": ((3, 20, 20), 3 * 400 * 2), "cam_classes": ((3,), 3 * 2),
                    "image": ((3, 320, 320), 3 * 320 * 320), "valid": ((320, 320), 320 * 320)}
     assert bill.exact and {a.basis for a in bill.arrays} == {"exact"}
-    # per array: 40 samples, and one shard's index of 64 slots of 16 bytes and a 4-byte checksum
-    assert bill.stored_bytes == 40 * bill.raw_bytes_per_view + 6 * (64 * 16 + 4)
+    # per array: 40 samples with a 4-byte crc32c each, and one shard's index of 64 slots of 16 bytes and its crc32c
+    assert bill.stored_bytes == 40 * (bill.raw_bytes_per_view + 6 * 4) + 6 * (64 * 16 + 4)
     assert "exact" in bill.format() and "estimated" not in bill.format()
 
 
@@ -105,7 +105,7 @@ def test_unmeasured_compression_shows_the_raw_size(tmp_path):
     bf16 = {a.name: a for a in estimate.dry_run(VOC.replace(extract={"dtype": "bfloat16"}), plan, "c").arrays}
     assert (bf16["features"].basis, bf16["attn"].basis, bf16["image"].basis) == ("not measured", "not measured",
                                                                                   "measured")
-    assert bf16["features"].stored_bytes == 40 * bf16["features"].raw_bytes_per_view + 64 * 16 + 4
+    assert bf16["features"].stored_bytes == 40 * (bf16["features"].raw_bytes_per_view + 4) + 64 * 16 + 4
     level = estimate.dry_run(VOC.replace(extract={"compressor": "zstd:5"}), plan, "c")
     assert {a.basis for a in level.arrays} == {"not measured"} and "not measured" in level.format()
 
