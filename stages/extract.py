@@ -71,12 +71,14 @@ class ExtractSummary:
 
 def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Executor = "ray",
         ray_address: str | None = None, limit: int | None = None, progress: bool = True,
-        model_configs: Sequence[str | Path] = (), device: str | None = None) -> ExtractSummary:
+        model_configs: Sequence[str | Path] = (), device: str | None = None,
+        runtime_env: dict[str, Any] | None = None) -> ExtractSummary:
     """Extract the feature cache of a manifest into `out` (a local folder or an fsspec URL); resume if it exists.
 
     executor: "ray" (a local Ray sized to this machine, or the cluster at `ray_address`) or "inline" (this process).
     limit: only the first `limit` images of the manifest (a different plan, so a different cache).
     model_configs: extra open_clip model config JSONs to register in the driver and every worker.
+    runtime_env: Ray runtime_env for the shard tasks (e.g. credentials as env_vars); passed to Ray only, never stored.
     Raises FingerprintMismatch when `out` holds a cache made with other settings.
     """
     if executor not in ("ray", "inline"):
@@ -109,7 +111,7 @@ def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Execu
             for task in tasks:
                 done(run_shard(job, task))
         else:
-            job = run_ray(job, tasks, ray_address, done)
+            job = run_ray(job, tasks, ray_address, done, runtime_env)
     extract_seconds = time.perf_counter() - extract_start
     tables = writer.finalize()
     shards = tables.shards.to_pylist()
