@@ -227,6 +227,11 @@ def extract(
     limit: Optional[int] = typer.Option(None, help="Only the first N images (a different plan, so a different cache)."),
     device: Optional[str] = typer.Option(None, help="inline executor: cpu or cuda (default: cuda when available); Ray "
                                          "workers use cuda when the cluster has GPUs."),
+    cpus_per_task: Optional[float] = typer.Option(None, help="Ray: CPUs per shard task (extract.cpus_per_task)."),
+    gpus_per_task: Optional[float] = typer.Option(None, help="Ray: GPUs per shard task when the cluster has GPUs, "
+                                                  "fractions allowed (extract.gpus_per_task)."),
+    runtime_env: Optional[str] = typer.Option(None, help="Ray runtime_env for the shard tasks, JSON or @FILE, e.g. "
+                                              '\'{"env_vars": {"AWS_ENDPOINT_URL": "..."}}\'; passed to Ray only.'),
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, the cache size per array and the time, "
@@ -240,11 +245,13 @@ def extract(
     cfg = _config(preset, set_, config)
     if views is not None:
         cfg = cfg.replace(extract={"views": views})
+    from pipeline.extract import ray_runner
     from stages import extract as stage
 
-    _print(stage.run(cfg, manifest, out, executor=executor.value, ray_address=ray_address, limit=limit,
-                     progress=_progress(), device=device, dry_run=dry_run, views_per_s=views_per_s,
-                     verify=verify))
+    _print(stage.run(cfg.replace(extract=ray_runner.resource_overrides(cpus_per_task, gpus_per_task)), manifest, out,
+                     executor=executor.value, ray_address=ray_address, limit=limit, progress=_progress(),
+                     device=device, dry_run=dry_run, views_per_s=views_per_s, verify=verify,
+                     runtime_env=ray_runner.parse_runtime_env(runtime_env)))
 
 
 @app.command()

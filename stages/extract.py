@@ -74,7 +74,8 @@ class ExtractSummary:
 def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Executor = "ray",
         ray_address: str | None = None, limit: int | None = None, progress: bool = True,
         model_configs: Sequence[str | Path] = (), device: str | None = None, dry_run: bool = False,
-        views_per_s: float | None = None, verify: bool = False) -> ExtractSummary | estimate.DryRunSummary:
+        views_per_s: float | None = None, verify: bool = False, runtime_env: dict[str, Any] | None = None
+        ) -> ExtractSummary | estimate.DryRunSummary:
     """Extract the feature cache of a manifest into `out` (a local folder or an fsspec URL); resume if it exists.
 
     executor: "ray" (a local Ray sized to this machine, or the cluster at `ray_address`) or "inline" (this process).
@@ -84,6 +85,7 @@ def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Execu
     nothing written or read at `out`; `views_per_s` (dry runs only) prices the time.
     verify: on an existing cache, re-read every committed shard against its checksums (else sizes only); damaged
     shards are uncommitted and rewritten.
+    runtime_env: Ray runtime_env for the shard tasks (e.g. credentials as env_vars); passed to Ray only, never stored.
     Raises FingerprintMismatch when `out` holds a cache made with other settings.
     """
     if executor not in ("ray", "inline"):
@@ -121,7 +123,7 @@ def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Execu
             for task in tasks:
                 done(run_shard(job, task))
         else:
-            job = run_ray(job, tasks, ray_address, done)
+            job = run_ray(job, tasks, ray_address, done, runtime_env)
     extract_seconds = time.perf_counter() - extract_start
     tables = writer.finalize()
     shards = tables.shards.to_pylist()

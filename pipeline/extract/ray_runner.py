@@ -1,39 +1,51 @@
 """Shard tasks on Ray: a local Ray sized to this machine, the cluster of RAY_ADDRESS, or a named cluster.
 
-Each Ray worker process loads the model once and reuses it for all its shards; a task whose worker dies is retried
-(`extract.max_retries`), which is safe because shard writes are idempotent and committed last (docs/design.md §3.3).
+Each Ray worker process loads the model once and reuses it for all its shards; a task whose worker (or whole node)
+dies is retried (`extract.max_retries`), which is safe because shard writes are idempotent and committed last
+(docs/design.md §3.3). Before submitting, the per-task CPU/GPU request is checked against the live nodes, since Ray
+keeps a task no node can hold pending forever. A user runtime_env (credentials, settings) is given to the shard tasks
+only; weclip never prints or stores it.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pipeline.errors import ExtractError
+from pipeline.errors import ConfigError, ExtractError
 from pipeline.extract.plan import ShardTask
 from pipeline.extract.worker import ExtractJob, ShardOutcome, run_shard
 
+# The folder holding the `pipeline` package: a source checkout, or site-packages when weclip is installed.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-# Never shipped to a remote Ray cluster with the project code.
-_RAY_EXCLUDES = [".venv/", ".git/", "tests/", "benchmarks/results/", "**/__pycache__/", "*.parquet", "*.zarr/"]
+# The packages a Ray worker imports (run_shard and the manifest schema); nothing else of the environment is shipped.
+WORKER_PACKAGES = ("pipeline", "manifests")
+_RAY_EXCLUDES = ["**/__pycache__/"]
 
 
 def run_ray(job: ExtractJob, tasks: Sequence[ShardTask], address: str | None,
-             done: Callable[[ShardOutcome], None]) -> ExtractJob:
-    """Run the shard tasks as Ray tasks; returns the job as the workers ran it (device set)."""
+             done: Callable[[ShardOutcome], None], runtime_env: dict[str, Any] | None = None) -> ExtractJob:
+    """Run the shard tasks as Ray tasks; returns the job as the workers ran it (device set).
+
+    runtime_env: given to every shard task; Ray merges it into the job's (env_vars key by key, other fields
+    replaced), whichever way this driver joined Ray.
+    """
     import ray
 
     own = not ray.is_initialized()
     if own:
         _init_ray(address)
     try:
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= job.cfg.extract.gpus_per_task > 0
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        use_gpu = job.cfg.extract.gpus_per_task > 0 and any(node.get("GPU", 0) > 0 for node in nodes)
+        request = {"CPU": job.cfg.extract.cpus_per_task, "GPU": job.cfg.extract.gpus_per_task if use_gpu else 0.0}
+        check_feasible(request, nodes)
         job = replace(job, device="cuda" if use_gpu else "cpu")
-        remote = ray.remote(run_shard).options(num_cpus=job.cfg.extract.cpus_per_task,
-                                             num_gpus=job.cfg.extract.gpus_per_task if use_gpu else 0,
-                                             max_retries=job.cfg.extract.max_retries)
+        remote = ray.remote(run_shard).options(num_cpus=request["CPU"], num_gpus=request["GPU"],
+                                             max_retries=job.cfg.extract.max_retries, runtime_env=runtime_env or {})
         job_ref = ray.put(job)
         running = {remote.remote(job_ref, task): task.shard for task in tasks}
         while running:
@@ -50,18 +62,64 @@ def run_ray(job: ExtractJob, tasks: Sequence[ShardTask], address: str | None,
     return job
 
 
+def check_feasible(request: dict[str, float], nodes: Sequence[dict[str, float]]) -> None:
+    """Refuse a per-task request that no single node can hold: Ray would keep such tasks pending without an error."""
+    if any(all(node.get(name, 0) >= amount for name, amount in request.items()) for node in nodes):
+        return
+    wanted = ", ".join(f"{amount:g} {name}" for name, amount in request.items() if amount)
+    have = "; ".join(", ".join(f"{node.get(name, 0):g} {name}" for name in ("CPU", "GPU")) for node in nodes)
+    raise ExtractError(f"no Ray node can run a shard task needing {wanted or 'no resources'}: the cluster's nodes have "
+                       f"[{have or 'no live nodes'}]; lower --cpus-per-task / --gpus-per-task (extract.cpus_per_task "
+                       "/ extract.gpus_per_task) or add larger nodes")
+
+
+def parse_runtime_env(text: str | None) -> dict[str, Any] | None:
+    """`--runtime-env`: a JSON object, or @FILE holding one (keeps secrets out of the shell history and `ps`). The
+    messages never quote the text, which may hold credentials."""
+    if text is None:
+        return None
+    source = "--runtime-env"
+    if text.startswith("@"):
+        source = text[1:]
+        try:
+            text = Path(source).read_text()
+        except OSError as err:
+            raise ConfigError(f"--runtime-env file {source} cannot be read ({err.strerror}); give an existing JSON "
+                              "file") from None
+    try:
+        env = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{source} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); give a "
+                          'JSON object such as {"env_vars": {"NAME": "value"}}') from None
+    if not isinstance(env, dict):
+        raise ConfigError(f"{source} must be a JSON object (a Ray runtime_env), got a {type(env).__name__}")
+    return env
+
+
+def resource_overrides(cpus_per_task: float | None, gpus_per_task: float | None) -> dict[str, float]:
+    """The `extract` config fields the --cpus-per-task / --gpus-per-task options set (those given)."""
+    given = {"cpus_per_task": cpus_per_task, "gpus_per_task": gpus_per_task}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def code_runtime_env() -> dict[str, Any]:
+    """The runtime_env that ships weclip's worker code to a named cluster: the package folders only, so an installed
+    weclip (PROJECT_ROOT = site-packages) does not upload the whole environment, and the workers run the driver's exact code
+    (the plan and fingerprint the driver made must match what they compute)."""
+    return {"py_modules": [str(PROJECT_ROOT / name) for name in WORKER_PACKAGES], "excludes": list(_RAY_EXCLUDES)}
+
+
 def ray_init_kwargs(address: str | None) -> dict[str, Any]:
     """How this driver joins Ray: the cluster at `address`; else the cluster of RAY_ADDRESS (`ray job submit` sets
     it; the job's runtime env, e.g. its --working-dir, applies); else a quiet local Ray sized to this machine.
 
     A driver that joins an existing cluster passes no resources (Ray refuses them then). Workers import `pipeline`:
-    locally through PYTHONPATH (same files), on a named cluster by shipping the project folder as the job's
-    working_dir.
+    locally through PYTHONPATH (same files), on a named cluster by shipping the package folders (`code_runtime_env`),
+    through RAY_ADDRESS from the job's runtime env or the cluster image.
     """
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     if address is not None:
-        return {"address": address, "runtime_env": {"working_dir": str(PROJECT_ROOT), "excludes": _RAY_EXCLUDES},
-                **quiet}
+        return {"address": address, "runtime_env": code_runtime_env(), **quiet}
     if os.environ.get("RAY_ADDRESS"):
         return quiet
     return {"num_cpus": os.cpu_count(), "include_dashboard": False, "runtime_env": _local_runtime_env(), **quiet}
