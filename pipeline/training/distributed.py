@@ -70,6 +70,10 @@ class World:
         """This rank's device: cuda:LOCAL_RANK under several processes on CUDA (made current), else `device`."""
         if self.size == 1 or device.type != "cuda":
             return device
+        if self.local_rank >= torch.cuda.device_count():
+            raise TrainError(f"training process {self.rank} needs GPU cuda:{self.local_rank}, but this machine shows "
+                             f"{torch.cuda.device_count()}; run at most that many "
+                             "processes per machine, or --device cpu")
         local = torch.device("cuda", self.local_rank)
         torch.cuda.set_device(local)
         return local
@@ -139,6 +143,9 @@ def spawn(nproc: int, fn: Callable[..., Any], args: tuple = (), kwargs: dict[str
     threads of this machine are shared out among the ranks."""
     if nproc < 1:
         raise TrainError(f"--nproc {nproc}: give a number of processes >= 1")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TrainError(f"--nproc {nproc} inside a torchrun job of {os.environ['WORLD_SIZE']} processes: let "
+                         "torchrun start the processes (--nproc-per-node) and drop --nproc")
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     threads = max(1, torch.get_num_threads() // nproc)
@@ -153,11 +160,7 @@ def spawn(nproc: int, fn: Callable[..., Any], args: tuple = (), kwargs: dict[str
                 if kind == "error":
                     raise value from None
             raise
-    while not results.empty():
-        kind, value = pickle.loads(results.get())
-        if kind == "result":
-            return value
-    raise TrainError("rank 0 of the training processes returned no result")  # unreachable unless rank 0 died
+    return pickle.loads(results.get())[1]  # every rank ended without error: the queue holds rank 0's result only
 
 
 def _rank_main(rank: int, size: int, init: str, backend: str, threads: int, fn: Callable[..., Any], args: tuple,
