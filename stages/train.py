@@ -106,6 +106,7 @@ def _run(world: World, cfg: Config, cache_path, out_dir, resume, online_manifest
          model_configs, explicit, val_manifest, allow_partial) -> TrainSummary:  # the arguments of `run`
     out_dir = require_local(out_dir, "output folder")
     dev = world.device(default_device(device))
+    world.rows(cfg.train.batch_size)  # fail before any work if the processes cannot share the batch
     if online_manifest is None and cache_path is None:
         raise TrainError("give a feature cache (cache_path) or a manifest to train online (online_manifest)")
     source: Source = (OnlineSource(cfg, online_manifest, dev, model_configs) if online_manifest is not None
@@ -131,7 +132,6 @@ def _run(world: World, cfg: Config, cache_path, out_dir, resume, online_manifest
     if world.main:
         open_metrics(metrics_path, start)
         atomic_write_text(out_dir / CONFIG_NAME, json.dumps(cfg.to_dict(), indent=2) + "\n")
-
     par = PAR(cfg.par)
     loader = DataLoader(source.dataset(start, max(start, end), world.rows(cfg.train.batch_size)), batch_size=None,
                         shuffle=False, num_workers=cfg.train.loader_workers, pin_memory=dev.type == "cuda",

@@ -148,9 +148,11 @@ def test_kill_and_resume_under_two_processes_gives_the_uninterrupted_run(world, 
         [m["loss"] for m in computed(one)], abs=1e-5)
 
 
-def test_a_world_size_that_does_not_divide_the_batch_is_one_error_line(world, tmp_path, capsys):
+@pytest.mark.slow  # 3 processes start (about 15 s on an idle 2-core machine, minutes under load)
+def test_a_world_size_that_does_not_divide_the_batch_is_one_error_line(tmp_path, capsys):
+    """Refused before any work: the cache (here none) is not even opened."""
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["train", "--cache", str(world["cache"]), "-o", str(tmp_path / "run"), "--preset", "shapes",
+        cli.main(["train", "--cache", str(tmp_path / "no-cache"), "-o", str(tmp_path / "run"), "--preset", "shapes",
                   "--nproc", "3", "--device", "cpu", "--set", "train.batch_size=4"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
