@@ -171,6 +171,7 @@ def _rank_main(rank: int, size: int, init: str, backend: str, threads: int, fn: 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size))
     torch.set_num_threads(threads)
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=size)
+    dist.barrier()  # no rank may end (e.g. on an error) while another is still connecting to it
     try:
         value = fn(*args, **kwargs)
         if rank == 0:
