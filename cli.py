@@ -281,8 +281,13 @@ def train(
                                        "steps (with --val, default train.checkpoint_every); the best: best.pt."),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Train on a cache whose extraction has not "
                                        "finished (its committed samples), with a warning; refused otherwise."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Training processes on this machine (DistributedDataParallel; "
+                              "each reads train.batch_size / N rows of every batch; on CUDA one GPU each). Across "
+                              "machines: torchrun --nnodes M --nproc-per-node N --no-python weclip train …"),
 ) -> None:
-    """Train the decoder with RFM + PAR from the cache (or --online, the released code's way)."""
+    """Train the decoder with RFM + PAR from the cache (or --online, the released code's way).
+
+    Same steps, losses and checkpoints on 1 or N processes (--nproc N, or under torchrun)."""
     from stages import train as stage
 
     cfg = _config(preset, set_, config)
@@ -294,9 +299,16 @@ def train(
         raise typer.BadParameter("give exactly one of --cache and --online")
     if val is not None and not cfg.train.val_every:
         cfg = cfg.replace(train={"val_every": cfg.train.checkpoint_every})
-    _print(stage.run(cfg, cache, require_local(out, "run folder"), resume=resume, online_manifest=online,
-                     max_steps=max_steps, device=device, progress=_progress(), explicit=_explicit(config, set_),
-                     val_manifest=val, allow_partial=allow_partial))
+    args = (cfg, cache, require_local(out, "run folder"))
+    options = dict(resume=resume, online_manifest=online, max_steps=max_steps, device=device, progress=_progress(),
+                   explicit=_explicit(config, set_), val_manifest=val, allow_partial=allow_partial)
+    if nproc == 1:
+        _print(stage.run(*args, **options))
+        return
+    from pipeline.model.backbone import default_device
+    from pipeline.training.distributed import spawn
+
+    _print(spawn(nproc, stage.run, args, options, device=default_device(device)))
 
 
 @app.command()

@@ -6,12 +6,15 @@ global step, and the run state of `state` (atomic checkpoints every `train.check
 checkpoint kept as `best.pt`). The data of step s is a pure function of (config, s); the only other randomness is
 dropout, whose generator state is saved in every checkpoint (and the DataLoader gets its own generator, so it never
 draws from the global one). `resume=True` continues `out_dir/checkpoint.pt` with exactly the batches and losses of an
-uninterrupted run; validation forks and restores the RNG states, so it leaves the losses as they are.
+uninterrupted run; validation forks and restores the RNG states, so it leaves the losses as they are. Under torchrun
+or `pipeline.training.distributed.spawn` (`--nproc`) each process trains on its rows of every global batch
+(`distributed.World`), and only rank 0 writes the run folder.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +33,7 @@ from pipeline.model.decoder import WeCLIPDecoder
 from pipeline.refinement.par import PAR
 from pipeline.refinement.pseudo_label import rfm_active
 from pipeline.training.checkpoint import load_checkpoint
+from pipeline.training.distributed import World, session
 from pipeline.training.optim import PolyWarmup, build_optimizer
 from pipeline.training.schedule import batch_positions
 from pipeline.training.sources import CachedSource, OnlineSource, Source
@@ -91,9 +95,18 @@ def run(cfg: Config, cache_path: str | Path | None, out_dir: str | Path, resume:
     is written to `out_dir/config.json`. val_manifest: a manifest with masks, scored every `train.val_every` steps
     (`val_miou` in metrics.jsonl, the best checkpoint as `best.pt`). allow_partial: train on a cache whose
     extraction has not finished (planned shards without commit record), with a warning; refused otherwise.
+    Under torchrun or `distributed.spawn`: this process's part of the run.
     """
+    with session(default_device(device)) as world:
+        return _run(world, cfg, cache_path, out_dir, resume, online_manifest, max_steps, progress, device,
+                    model_configs, explicit, val_manifest, allow_partial)
+
+
+def _run(world: World, cfg: Config, cache_path, out_dir, resume, online_manifest, max_steps, progress, device,
+         model_configs, explicit, val_manifest, allow_partial) -> TrainSummary:  # the arguments of `run`
     out_dir = require_local(out_dir, "output folder")
-    dev = default_device(device)
+    dev = world.device(default_device(device))
+    world.rows(cfg.train.batch_size)  # fail before any work if the processes cannot share the batch
     if online_manifest is None and cache_path is None:
         raise TrainError("give a feature cache (cache_path) or a manifest to train online (online_manifest)")
     source: Source = (OnlineSource(cfg, online_manifest, dev, model_configs) if online_manifest is not None
@@ -104,6 +117,7 @@ def run(cfg: Config, cache_path: str | Path | None, out_dir: str | Path, resume:
 
     torch.manual_seed(cfg.train.seed)  # decoder init, then dropout
     decoder = WeCLIPDecoder(source.in_layers, source.in_dim, source.classes.num_classes + 1, cfg.decoder).to(dev)
+    model = world.wrap(decoder, cfg.train.batch_size)
     optimizer = build_optimizer(decoder.parameters(), cfg.train)
     scheduler = PolyWarmup(optimizer, cfg.train)
     start = 0
@@ -113,26 +127,29 @@ def run(cfg: Config, cache_path: str | Path | None, out_dir: str | Path, resume:
     elif latest.exists():
         raise TrainError(f"{out_dir} already holds a training run ({latest}); pass resume=True (--resume) to "
                          "continue it, or choose a new output folder")
-    metrics_path = open_metrics(out_dir / METRICS_NAME, start)
-    atomic_write_text(out_dir / CONFIG_NAME, json.dumps(cfg.to_dict(), indent=2) + "\n")
-
+    world.sync_rng(dev)
+    metrics_path = out_dir / METRICS_NAME
+    if world.main:
+        open_metrics(metrics_path, start)
+        atomic_write_text(out_dir / CONFIG_NAME, json.dumps(cfg.to_dict(), indent=2) + "\n")
     par = PAR(cfg.par)
-    loader = DataLoader(source.dataset(start, max(start, end)), batch_size=None, shuffle=False,
-                        num_workers=cfg.train.loader_workers, pin_memory=dev.type == "cuda",
+    loader = DataLoader(source.dataset(start, max(start, end), world.rows(cfg.train.batch_size)), batch_size=None,
+                        shuffle=False, num_workers=cfg.train.loader_workers, pin_memory=dev.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.train.seed))
-    validator = _validator(cfg, val_manifest, source, decoder, dev, model_configs)
-    best = best_so_far(metrics_path)  # a resumed run continues the best of the steps it keeps
-    board = TensorBoardLog(out_dir, start) if cfg.train.tensorboard else None
+    validator = _validator(cfg, val_manifest, source, decoder, dev, model_configs, world)
+    best = best_so_far(metrics_path) if world.main else None  # a resumed run continues the best of the steps it keeps
+    board = TensorBoardLog(out_dir, start) if cfg.train.tensorboard and world.main else None
     last: dict[str, Any] | None = None
     times: list[float] = []
-    bar = tqdm(total=max(0, end - start), desc=f"train ({source.kind})", unit="step", disable=not progress)
-    with bar, open(metrics_path, "a") as metrics_file, board or contextlib.nullcontext():
+    bar = tqdm(total=max(0, end - start), desc=f"train ({source.kind})", unit="step",
+               disable=not (progress and world.main))
+    with bar, open(metrics_path if world.main else os.devnull, "a") as metrics_file, board or contextlib.nullcontext():
         tick = time.perf_counter()
         for item in loader:
             step = int(item["step"])
             batch = source.prepare(item)
             data_s = time.perf_counter() - tick  # waiting for the loader + preparing (online: backbone + Grad-CAM)
-            last = train_step(decoder, optimizer, scheduler, par, batch, step, cfg)
+            last = train_step(model, optimizer, scheduler, par, batch, step, cfg, world)
             now = time.perf_counter()
             last.update(epoch=step // (source.n_samples // cfg.train.batch_size), s_per_step=now - tick,
                         data_s=data_s)
@@ -147,16 +164,17 @@ def run(cfg: Config, cache_path: str | Path | None, out_dir: str | Path, resume:
             metrics_file.flush()
             if board is not None:
                 board.log(last)
-            if done % cfg.train.checkpoint_every == 0 or done == end:
+            if world.main and (done % cfg.train.checkpoint_every == 0 or done == end):
                 save_run_state(out_dir, done, cfg, source, decoder, optimizer, scheduler)
-            if last.get("val_miou") is not None and (best is None or last["val_miou"] > best[1]):
+            if world.main and last.get("val_miou") is not None and (best is None or last["val_miou"] > best[1]):
                 best = (done, last["val_miou"])
                 save_best(out_dir, done, cfg, source, decoder, optimizer, scheduler)
             bar.set_postfix(loss=f"{last['loss']:.4f}", rfm="on" if last["rfm"] else "off")
             bar.update(1)
     final = max(start, end)
-    if not latest.exists():  # nothing to train (end <= start on a fresh folder): still leave a checkpoint
+    if world.main and not latest.exists():  # nothing to train (end <= start on a fresh folder): still leave one
         save_run_state(out_dir, final, cfg, source, decoder, optimizer, scheduler)
+    world.barrier()  # every process returns once the run folder is complete
     return TrainSummary(out_dir=str(out_dir), source=source.kind, fingerprint=source.fingerprint["digest"],
                         device=str(dev), start_step=start, final_step=final, steps_run=len(times),
                         last_loss=None if last is None else last["loss"],
@@ -168,7 +186,7 @@ def run(cfg: Config, cache_path: str | Path | None, out_dir: str | Path, resume:
 
 
 def _validator(cfg: Config, val_manifest: str | Path | None, source: Source, decoder: WeCLIPDecoder,
-               device: torch.device, model_configs: Sequence[str | Path]) -> Validator | None:
+               device: torch.device, model_configs: Sequence[str | Path], world: World) -> Validator | None:
     """The validation of `train.val_every` (online: the source's backbone; cached: the config's, loaded here)."""
     if (val_manifest is None) != (cfg.train.val_every == 0):
         raise TrainError(f"train.val_every = {cfg.train.val_every} and val manifest {val_manifest}: validation needs "
@@ -178,4 +196,4 @@ def _validator(cfg: Config, val_manifest: str | Path | None, source: Source, dec
         return None
     backbone = source.backbone if isinstance(source, OnlineSource) else None
     return Validator(val_manifest, cfg, source.fingerprint, source.classes, decoder, backbone, device,
-                     model_configs)
+                     model_configs, world)

@@ -3,8 +3,15 @@
 Total = L_seg + λ·L_aff with λ = `LossConfig.aff_weight` (0.1, [PW] Tab. 11). Defaults follow the released
 code: bg/fg-balanced CE and the AFA-style linear affinity loss on a radius-8 window; the paper's plain CE and
 cross-entropy affinity loss are the `plain` and `bce` options (§9 rows 9–10).
+
+None of the terms is a mean per image: each is a sum over the batch's pixels (or pixel pairs) divided by a count
+taken over the whole batch. `count` maps a count of the images given to the count over the global batch: the
+identity on one process; on several (`pipeline.training.distributed`) the sum over the processes, so that each
+process's value is its share of the global batch's loss and the shares add up to it exactly (docs/design.md §3.5).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -14,11 +21,18 @@ from pipeline.config import IGNORE_INDEX, LossConfig
 
 SEG_MODES = ("balanced", "plain")
 AFF_MODES = ("linear", "bce")
+Count = Callable[[Tensor], Tensor]  # a count over the images given -> the count over the global batch
 
 
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of `values` over `mask`; 0 (with a graph) when the mask is empty, where the released code gives NaN."""
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+def local_count(n: Tensor) -> Tensor:
+    """The `count` of a batch that is the whole global batch (one process)."""
+    return n
+
+
+def _masked_mean(values: Tensor, mask: Tensor, count: Count = local_count) -> Tensor:
+    """Mean of `values` over `mask` (its count over the global batch); 0 (with a graph) when the mask is empty, where
+    the released code gives NaN."""
+    return (values * mask).sum() / count(mask.sum()).clamp(min=1)
 
 
 def upsample_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
@@ -28,7 +42,8 @@ def upsample_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
-def seg_loss(logits: Tensor, label: Tensor, mode: str = "balanced", ignore_index: int = IGNORE_INDEX) -> Tensor:
+def seg_loss(logits: Tensor, label: Tensor, mode: str = "balanced", ignore_index: int = IGNORE_INDEX,
+             count: Count = local_count) -> Tensor:
     """Segmentation loss of B×C×h×w logits against a B×H×W label map (values 0..C−1 or ignore_index).
 
     The logits are upsampled to the label size inside this function (so callers pass the decoder output as is).
@@ -43,9 +58,9 @@ def seg_loss(logits: Tensor, label: Tensor, mode: str = "balanced", ignore_index
                          ignore_index=ignore_index, reduction="none")
     valid = label != ignore_index
     if mode == "plain":
-        return _masked_mean(ce, valid)
+        return _masked_mean(ce, valid, count)
     background = label == 0
-    return 0.5 * (_masked_mean(ce, background) + _masked_mean(ce, valid & ~background))
+    return 0.5 * (_masked_mean(ce, background, count) + _masked_mean(ce, valid & ~background, count))
 
 
 def radius_mask(grid: tuple[int, int], radius: int, device: torch.device | None = None) -> Tensor:
@@ -75,7 +90,7 @@ def affinity_label(label: Tensor, grid: tuple[int, int], radius: int = 8, ignore
     return target.masked_fill_(excluded, ignore_index)
 
 
-def affinity_loss(a_f: Tensor, aff_label: Tensor, mode: str = "linear") -> Tensor:
+def affinity_loss(a_f: Tensor, aff_label: Tensor, mode: str = "linear", count: Count = local_count) -> Tensor:
     """Loss between the affinity map A_f (B×N×N, in (0,1)) and Â from `affinity_label`.
 
     linear (code, AFA's `get_aff_loss`): 0.5·Σ_{Â=1}(1−A_f)/(n_pos+1) + 0.5·Σ_{Â=0}A_f/(n_neg+1), counts over the batch.
@@ -87,25 +102,26 @@ def affinity_loss(a_f: Tensor, aff_label: Tensor, mode: str = "linear") -> Tenso
     pos = aff_label == 1
     neg = aff_label == 0
     if mode == "linear":
-        pos_term = ((1 - a_f) * pos).sum() / (pos.sum() + 1)
-        neg_term = (a_f * neg).sum() / (neg.sum() + 1)
+        pos_term = ((1 - a_f) * pos).sum() / (count(pos.sum()) + 1)
+        neg_term = (a_f * neg).sum() / (count(neg.sum()) + 1)
         return 0.5 * pos_term + 0.5 * neg_term
     a = a_f.float()
     tiny = torch.finfo(torch.float32).tiny
     nll = -(pos * torch.log(a.clamp_min(tiny)) + neg * torch.log((1 - a).clamp_min(tiny)))
-    return _masked_mean(nll, pos | neg)
+    return _masked_mean(nll, pos | neg, count)
 
 
 def total_loss(logits: Tensor, affinity: Tensor, label: Tensor, cfg: LossConfig = LossConfig(),
-               ignore_index: int = IGNORE_INDEX) -> dict[str, Tensor]:
+               ignore_index: int = IGNORE_INDEX, count: Count = local_count) -> dict[str, Tensor]:
     """L = L_seg + λ·L_aff (§7.2). logits B×C×h×w, affinity B×N×N (N = h·w), label B×H×W (the pseudo label M_p).
 
-    The affinity target is built on the logits' grid. Returns {"loss", "seg", "aff"}.
+    The affinity target is built on the logits' grid. Returns {"loss", "seg", "aff"}; with a `count` over several
+    processes, this process's shares of them (see the module docstring).
     """
     grid = (logits.shape[-2], logits.shape[-1])
     if affinity.shape[-1] != grid[0] * grid[1]:
         raise ValueError(f"affinity is {tuple(affinity.shape)} but the logits grid is {grid[0]}×{grid[1]}; "
                          "pass the decoder's logits and affinity from the same forward")
-    seg = seg_loss(logits, label, cfg.seg, ignore_index)
-    aff = affinity_loss(affinity, affinity_label(label, grid, cfg.aff_radius, ignore_index), cfg.aff)
+    seg = seg_loss(logits, label, cfg.seg, ignore_index, count)
+    aff = affinity_loss(affinity, affinity_label(label, grid, cfg.aff_radius, ignore_index), cfg.aff, count)
     return {"loss": seg + cfg.aff_weight * aff, "seg": seg, "aff": aff}

@@ -30,6 +30,19 @@ def batch_positions(step: int, n: int, batch_size: int, seed: int) -> tuple[int,
     return epoch, epoch_permutation(seed, epoch, n)[index * batch_size:(index + 1) * batch_size]
 
 
+def rank_rows(batch_size: int, rank: int, world_size: int) -> slice:
+    """The rows of every global batch that process `rank` of `world_size` reads: the rank-th of world_size equal,
+    contiguous parts, so that the ranks' parts in rank order are the global batch (docs/design.md §3.5)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+    if batch_size % world_size:
+        raise TrainError(f"train.batch_size = {batch_size} cannot be split over {world_size} processes; run a "
+                         f"number of processes that divides it, or set train.batch_size to a multiple of "
+                         f"{world_size}")
+    part = batch_size // world_size
+    return slice(rank * part, (rank + 1) * part)
+
+
 def flip_decision(seed: int, step: int, row: int, prob: float) -> bool:
     """Whether sample `row` is h-flipped at `step` (train.train_flip); a generator seeded with (seed, step, row)."""
     return bool(np.random.default_rng([seed, _FLIP_STREAM, step, row]).random() < prob)

@@ -34,14 +34,16 @@ from pipeline.provenance import adopt, cache_provenance, check_moved_backbone
 from pipeline.training.schedule import batch_positions, flip_decision, hflip_sample
 
 # ---------------------------------------------------------------------------------------------------------------
-# Step-indexed datasets: item i is the whole batch of global step `start + i` (DataLoader batch_size=None).
+# Step-indexed datasets: item i is the batch of global step `start + i` (DataLoader batch_size=None), or the rows
+# `part` of it that one of several training processes reads (`schedule.rank_rows`).
 
 class CachedSteps(Dataset):
     """Batches of committed cache samples. The reader is opened lazily in each (worker) process."""
 
-    def __init__(self, root: str, rows: np.ndarray, grid: tuple[int, int], start: int, stop: int, cfg: Config):
+    def __init__(self, root: str, rows: np.ndarray, grid: tuple[int, int], start: int, stop: int, cfg: Config,
+                 part: slice = slice(None)):
         self.root, self.rows, self.grid = root, rows, grid
-        self.start, self.stop, self.cfg = start, stop, cfg
+        self.start, self.stop, self.cfg, self.part = start, stop, cfg, part
         self._reader: CacheReader | None = None
         self._pid = -1
 
@@ -57,7 +59,7 @@ class CachedSteps(Dataset):
         step = self.start + i
         train = self.cfg.train
         _, positions = batch_positions(step, len(self.rows), train.batch_size, train.seed)
-        rows = self.rows[positions]
+        rows = self.rows[positions[self.part]]
         arrays = self._open().read(rows)
         if train.train_flip:
             samples = [{name: values[j] for name, values in arrays.items()} for j in range(len(rows))]
@@ -70,8 +72,8 @@ class CachedSteps(Dataset):
 class OnlineCrops(Dataset):
     """Batches of fresh crops of manifest images: view `epoch` of each image, as `weclip extract` draws views."""
 
-    def __init__(self, images: Sequence[PlannedImage], start: int, stop: int, cfg: Config):
-        self.images, self.start, self.stop, self.cfg = list(images), start, stop, cfg
+    def __init__(self, images: Sequence[PlannedImage], start: int, stop: int, cfg: Config, part: slice = slice(None)):
+        self.images, self.start, self.stop, self.cfg, self.part = list(images), start, stop, cfg, part
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -79,6 +81,7 @@ class OnlineCrops(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         step = self.start + i
         epoch, positions = batch_positions(step, len(self.images), self.cfg.train.batch_size, self.cfg.train.seed)
+        positions = positions[self.part]
         crops, valid = [], []
         for image in (self.images[p] for p in positions):
             try:
@@ -107,8 +110,8 @@ class StepBatch:
 
 class Source(Protocol):
     """Where a run's step inputs come from: what a checkpoint records (fingerprint, class names), the decoder's input
-    shape, and `dataset(start, stop)` (item i = the batch of step start + i, for a DataLoader with batch_size=None)
-    / `prepare(item)` (that batch on the device as a StepBatch)."""
+    shape, and `dataset(start, stop, part)` (item i = the rows `part` of the batch of step start + i, for a
+    DataLoader with batch_size=None) / `prepare(item)` (that batch on the device as a StepBatch)."""
     kind: str  # "cache" or "online"
     cfg: Config  # the run's config (for a cache: with the settings the cache fixes)
     fingerprint: dict[str, Any]
@@ -118,7 +121,7 @@ class Source(Protocol):
     grid: tuple[int, int]
     n_samples: int
 
-    def dataset(self, start: int, stop: int) -> Dataset: ...
+    def dataset(self, start: int, stop: int, part: slice = slice(None)) -> Dataset: ...
 
     def prepare(self, item: dict[str, Any]) -> StepBatch: ...
 
@@ -146,8 +149,8 @@ class CachedSource:
                              f"stores {spec.attn_layers}; lower them or extract with more extract.attn_layers")
         self.root, self.rows, self.cfg, self.device = str(cache_path), rows, cfg, device
 
-    def dataset(self, start: int, stop: int) -> Dataset:
-        return CachedSteps(self.root, self.rows, self.grid, start, stop, self.cfg)
+    def dataset(self, start: int, stop: int, part: slice = slice(None)) -> Dataset:
+        return CachedSteps(self.root, self.rows, self.grid, start, stop, self.cfg, part)
 
     def prepare(self, item: dict[str, Any]) -> StepBatch:
         def dev(name: str) -> torch.Tensor:
@@ -174,8 +177,8 @@ class OnlineSource:
         self.text = text_embeddings(self.backbone, self.classes, cfg.text.template)
         self.cfg, self.device = cfg, device
 
-    def dataset(self, start: int, stop: int) -> Dataset:
-        return OnlineCrops(self.plan.images, start, stop, self.cfg)
+    def dataset(self, start: int, stop: int, part: slice = slice(None)) -> Dataset:
+        return OnlineCrops(self.plan.images, start, stop, self.cfg, part)
 
     def prepare(self, item: dict[str, Any]) -> StepBatch:
         image = normalise(torch.as_tensor(item["image"]).to(self.device), self.cfg.model.normalisation)

@@ -4,6 +4,9 @@
     M_p = online_pseudo_label(cams, attn, A_f, image)              (static CAA before `rfm_start_iter`, then RFM)
     loss = L_seg(P↑, M_p) + λ·L_aff(A_f, Â(M_p))                   (pipeline/training/losses.py)
     AdamW step + poly warm-up                                       (pipeline/training/optim.py; only the decoder learns)
+
+On several processes (`world`, pipeline/training/distributed.py) the batch is this rank's rows of the global batch,
+the losses are its shares of the global batch's losses, and the returned metrics are those of the global batch.
 """
 from __future__ import annotations
 
@@ -16,30 +19,32 @@ from pipeline.config import Config
 from pipeline.model.decoder import WeCLIPDecoder
 from pipeline.refinement.par import PAR
 from pipeline.refinement.pseudo_label import online_pseudo_label, rfm_active
+from pipeline.training.distributed import World
 from pipeline.training.losses import total_loss
 from pipeline.training.optim import PolyWarmup
 from pipeline.training.sources import StepBatch
 
 
-def train_step(decoder: WeCLIPDecoder, optimizer: torch.optim.Optimizer, scheduler: PolyWarmup, par: PAR,
-               batch: StepBatch, step: int, cfg: Config) -> dict[str, Any]:
-    """One optimisation step (docs/algorithm.md §7.2) on a batch; returns the step's metrics (no timing)."""
+def train_step(decoder: WeCLIPDecoder | torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: PolyWarmup,
+               par: PAR, batch: StepBatch, step: int, cfg: Config, world: World = World()) -> dict[str, Any]:
+    """One optimisation step (docs/algorithm.md §7.2) on a batch; returns the step's metrics (no timing).
+    `decoder` is the decoder, or on several processes the DDP module around it (`World.wrap`)."""
     decoder.train()
     lr = optimizer.param_groups[0]["lr"]
     out = decoder(batch.features, batch.grid)
     use_rfm = rfm_active(step, cfg.refine)
     labels = online_pseudo_label(batch.cams, batch.cam_classes, batch.attn, out.affinity, batch.image,
                                  use_rfm=use_rfm, refine=cfg.refine, par=par)
-    losses = total_loss(out.logits, out.affinity, labels, cfg.loss)
+    losses = total_loss(out.logits, out.affinity, labels, cfg.loss, count=world.sum)
     optimizer.zero_grad(set_to_none=True)
-    losses["loss"].backward()
+    (losses["loss"] * world.size).backward()  # DDP averages the ranks' gradients: this makes it their sum
     optimizer.step()
     scheduler.step()
-    values = {k: float(v.detach()) for k, v in losses.items()}
+    values = dict(zip(losses, world.sum(torch.stack([v.detach() for v in losses.values()])).tolist()))
     if not np.isfinite(values["loss"]):
         raise FloatingPointError(f"non-finite loss {values} at step {step}; the last checkpoint is the one to resume")
-    present = torch.unique(labels)
+    fractions = world.sum(torch.stack([(labels > 0).float().mean(), 1 - batch.valid.float().mean()])) / world.size
+    present = world.sum(torch.bincount(labels.flatten(), minlength=out.logits.shape[1]))
     return {"step": step, **values, "lr": lr, "rfm": use_rfm,
-            "fg_fraction": float((labels > 0).float().mean()),
-            "pad_fraction": float(1 - batch.valid.float().mean()),
-            "classes": [int(v) - 1 for v in present.tolist() if v > 0]}
+            "fg_fraction": float(fractions[0]), "pad_fraction": float(fractions[1]),
+            "classes": [v - 1 for v in present.nonzero().flatten().tolist() if v > 0]}

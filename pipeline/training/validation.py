@@ -4,7 +4,8 @@ docs/algorithm.md §8.1; `pipeline.inference.predict`, `pipeline.metrics.Confusi
 
 Validation must not change the run: it draws from no generator the training uses (the RNG states are forked and
 restored around it), and the decoder goes back to train mode, so a run with validation has the losses of one
-without, and a resumed run stays exact.
+without, and a resumed run stays exact. On several training processes each scores every size-th image and the
+confusion matrices are summed, so every rank gets the mIoU of the whole manifest.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from pipeline.model.decoder import WeCLIPDecoder
 from pipeline.model.protocol import CLIPBackbone
 from pipeline.model.text import ClassSet, require_classes
 from pipeline.training.checkpoint import Checkpoint, decoder_args
+from pipeline.training.distributed import World
 
 
 class Validator:
@@ -32,7 +34,7 @@ class Validator:
 
     def __init__(self, manifest_path: str | Path, cfg: Config, fingerprint: dict, classes: ClassSet,
                  decoder: WeCLIPDecoder, backbone: CLIPBackbone | None, device: torch.device,
-                 model_configs: Sequence[str | Path] = ()):
+                 model_configs: Sequence[str | Path] = (), world: World = World()):
         self.data = read_manifest(manifest_path)
         require_classes(self.data.class_names, f"val manifest {self.data.path} of dataset {self.data.dataset!r}",
                         classes.classes, "the run's training data",
@@ -52,7 +54,7 @@ class Validator:
                             decoder_args=decoder_args(decoder), optimizer_state={}, scheduler_state={}, config=cfg,
                             fingerprint=fingerprint, classes=classes, rng_state={})
         self.predictor = Predictor(record, backbone, decoder, segment_fn(backbone, decoder, cfg.extract.feature_layers))
-        self.cfg = cfg
+        self.cfg, self.world = cfg, world
 
     def miou(self) -> float | None:
         """mIoU of the decoder now on the val manifest (CRF off; None when no pixel has ground truth); the decoder
@@ -62,9 +64,10 @@ class Validator:
         with torch.random.fork_rng(devices=[backbone.device] if backbone.device.type == "cuda" else []):
             decoder.eval()
             try:
-                for row in self.data.rows:
+                for row in self.data.rows[self.world.rank::self.world.size]:
                     labels = self.predictor.predict(row.image_id, read_rgb(self.data, row), self.cfg.eval, crf=False)
                     cm.update(labels, read_gt(self.data, row))
             finally:
                 decoder.train()
+        cm.matrix = self.world.sum(torch.from_numpy(cm.matrix)).numpy()
         return cm.miou() if cm.pixel_count else None

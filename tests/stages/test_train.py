@@ -18,11 +18,11 @@ from pipeline.training.checkpoint import build_decoder_from_checkpoint, load_che
 from pipeline.config import Config, preset
 from pipeline.data.manifest import read_manifest, write_manifest
 from pipeline.errors import ConfigError
-from pipeline.data.shapes import generate
 from pipeline.model.text import SHAPES_CLASSES
 from pipeline.training import schedule, sources, state
 from pipeline.training.step import train_step
-from stages import extract, manifest, train
+from stages import extract, train
+from tests.stages.train_fakes import shapes_world
 
 CROP, IMAGES = 64, 8
 
@@ -43,12 +43,7 @@ def tiny_config(**sections) -> Config:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    generate(root / "data", "train", IMAGES, seed=5, size=CROP)
-    manifest_path = manifest.run("shapes", root / "data", root / "m.parquet", progress=False).manifest_path
-    cfg = tiny_config()
-    extract.run(cfg, manifest_path, root / "cache", executor="inline", progress=False, model_configs=[TINY_CONFIG])
-    return {"root": root, "manifest": manifest_path, "cache": root / "cache", "cfg": cfg}
+    return shapes_world(tmp_path_factory.mktemp("train"), tiny_config(), IMAGES, CROP, [TINY_CONFIG])
 
 
 def metrics(out: Path) -> list[dict]:
