@@ -23,7 +23,7 @@ import typer
 from pipeline.config import PRESETS, Config, ManifestSettings, Settings, apply_config_file, dump_config, leaves, \
     load_config_file, preset as load_preset, set_field
 from pipeline.errors import ConfigError, WeclipError
-from pipeline.files import require_local
+from pipeline.files import json_object_option, require_local
 
 app = typer.Typer(
     add_completion=False,
@@ -108,10 +108,27 @@ CheckpointOpt = typer.Option(..., "--checkpoint", help="A checkpoint from `wecli
 WorkersOpt = typer.Option(None, "--workers", help="DenseCRF worker processes (default: eval.crf_workers; 0 = this "
                           "process).")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available).")
+StorageOpt = typer.Option(None, "--storage-options", help="fsspec storage options for s3:// (and other) URLs, JSON "
+                          'or @FILE, e.g. \'{"endpoint_url": "http://minio:9000"}\' (credentials: the AWS_* '
+                          "variables, or key/secret here); never printed or stored.")
+SECRET_OPTIONS = ("--storage-options", "--runtime-env")  # their values are never recorded (`_command_line`)
 
 
 def _command_line() -> str:
-    return "weclip " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    """The command line, as recorded in a manifest; the values of SECRET_OPTIONS are replaced by `***`."""
+    args = sys.argv[1:]
+    redacted = ["***" if i and args[i - 1] in SECRET_OPTIONS else
+                next((f"{o}=***" for o in SECRET_OPTIONS if a.startswith(o + "=")), a) for i, a in enumerate(args)]
+    return "weclip " + " ".join(shlex.quote(a) for a in redacted)
+
+
+def _use_storage_options(text: Optional[str]) -> None:
+    """`--storage-options`: the fsspec options every URL of this command (and its workers) is opened with."""
+    if text is not None:
+        from pipeline import storage
+
+        storage.use_storage_options(json_object_option(text, "--storage-options",
+                                                       '{"endpoint_url": "http://HOST:9000"}'))
 
 
 def _parse_set(item: str) -> tuple[str, Any]:
@@ -217,7 +234,8 @@ def manifest(
 
 @app.command()
 def extract(
-    manifest: Path = typer.Argument(..., help="Training manifest (.parquet) from `weclip manifest`."),
+    manifest: str = typer.Argument(..., help="Training manifest (.parquet) from `weclip manifest`; a path or an "
+                                   "fsspec URL (s3://bucket/train.parquet)."),
     out: str = typer.Option(..., "--out", "-o", help="Cache folder or fsspec URL; an existing cache is resumed."),
     preset: Preset = PresetOpt,
     executor: Executor = typer.Option(Executor("ray"), help="ray (local Ray, or the cluster at --ray-address) or "
@@ -240,8 +258,10 @@ def extract(
                                                 "the time at (a short --limit run prints this machine's)."),
     verify: bool = typer.Option(False, "--verify", help="On an existing cache, re-read every committed shard against "
                                 "its checksums (not only file sizes) and rewrite the damaged ones."),
+    storage_options: Optional[str] = StorageOpt,
 ) -> None:
     """Run the frozen CLIP once per training view; write features, attention and Grad-CAMs to a Zarr cache."""
+    _use_storage_options(storage_options)
     cfg = _config(preset, set_, config)
     if views is not None:
         cfg = cfg.replace(extract={"views": views})
@@ -257,8 +277,10 @@ def extract(
 @app.command()
 def inspect(cache: str = typer.Argument(..., help="Cache path or fsspec URL."),
             verify: bool = typer.Option(False, "--verify", help="Re-read every committed shard against its checksums "
-                                        "(reads all the data; without it, file sizes only).")) -> None:
+                                        "(reads all the data; without it, file sizes only)."),
+            storage_options: Optional[str] = StorageOpt) -> None:
     """Show a cache's fingerprint, counts, bytes per sample, skipped images and damaged shards."""
+    _use_storage_options(storage_options)
     from stages import inspect as stage
 
     _print(stage.run(cache, verify=verify))
@@ -281,8 +303,10 @@ def train(
                                        "steps (with --val, default train.checkpoint_every); the best: best.pt."),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Train on a cache whose extraction has not "
                                        "finished (its committed samples), with a warning; refused otherwise."),
+    storage_options: Optional[str] = StorageOpt,
 ) -> None:
     """Train the decoder with RFM + PAR from the cache (or --online, the released code's way)."""
+    _use_storage_options(storage_options)
     from stages import train as stage
 
     cfg = _config(preset, set_, config)

@@ -46,6 +46,7 @@ from pipeline.cache.schema import (COMMIT_PREFIX, CONFIG_KEY, INDEX_KEY, KNOWN_S
                                    SCHEMA_VERSION, SHARDS_KEY, SKIPPED_KEY, ArraySchema, CacheSpec, commit_key)
 from pipeline.errors import CacheError, StorageError
 from pipeline.files import is_url, local_path
+from pipeline.storage import url_store
 
 CacheRoot = str | Path | Store
 
@@ -283,11 +284,12 @@ class CacheReader:
 
 
 def open_store(root: CacheRoot, read_only: bool) -> Store:
-    """A zarr store for a local path, an fsspec URL (s3://, gs://, memory://, ...) or a store instance."""
+    """A zarr store for a local path, an fsspec URL (s3://, gs://, memory://, ...; `pipeline.storage.url_store`
+    probes its bucket and names a storage failure) or a store instance."""
     if isinstance(root, Store):
         return root
     if is_url(root):
-        return FsspecStore.from_url(str(root), read_only=read_only)
+        return url_store(str(root), read_only=read_only)
     path = local_path(root)
     if read_only and not path.is_dir():
         raise NotACache(f"{path} does not exist or is not a directory; expected a weclip feature cache")

@@ -1,0 +1,151 @@
+"""The feature cache on a real S3-compatible HTTP server (moto's server mode on 127.0.0.1, tests/s3_fakes.py):
+extract → inspect → train through the CLI equal a local cache object for object; a SIGKILL mid-shard then a rerun
+equals an uninterrupted run; a missing bucket, refused credentials, a closed port or a host name that does not
+resolve each give one `error:` line naming the URL and the setting, with nothing committed."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+
+import cli
+from pipeline.cache.schema import commit_key
+from pipeline.cache.store import CacheReader
+from stages import extract
+from tests.s3_fakes import clear_clients, moto_server, refusing_credentials, s3  # noqa: F401  (fixtures)
+from tests.stages import extract_fakes as xf
+
+CFG = xf.tiny_config()  # 5 images × 2 views, shards of 3 samples: 4 shards
+KILLED_SHARD = 2
+TRAIN_SETS = ["train.iterations=2", "train.batch_size=2", "train.checkpoint_every=2", "train.loader_workers=0",
+              "train.warmup_iters=1", "refine.static_layers=2", "refine.rfm_layers=2", "refine.rfm_start_iter=1",
+              "decoder.embed_dim=32", "decoder.mlp_dim=64", "decoder.layers=1", "decoder.heads=2"]
+
+# `weclip extract` in a child process that SIGKILLs itself right after the shard file of `attn` of KILLED_SHARD is
+# stored (extract_fakes.die_inside_shard hooks the cache writer's own steps).
+CHILD = r"""
+import sys
+import cli
+from tests.stages import extract_fakes as xf
+xf.die_inside_shard(int(sys.argv[1]), "after_some_arrays")
+cli.main(sys.argv[2:])
+"""
+
+
+def weclip(*args: object) -> int:
+    """`weclip ARGS` in this process; its exit code."""
+    try:
+        cli.main([str(a) for a in args])
+    except SystemExit as done:
+        return done.code or 0
+    return 0
+
+
+def local_objects(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """A tiny VOC manifest, its config as a --config file, and a local cache of it (inline, uninterrupted)."""
+    root = tmp_path_factory.mktemp("extract_s3")
+    manifest = xf.make_dataset(root)
+    config = root / "config.json"
+    config.write_text(json.dumps(CFG.to_dict()))
+    extract.run(CFG, manifest, root / "local", executor="inline", progress=False, model_configs=[xf.TINY_CONFIG])
+    return {"root": root, "manifest": manifest, "config": config, "local": root / "local"}
+
+
+def extract_args(world: dict[str, Path], out: str) -> list[object]:
+    return ["extract", world["manifest"], "-o", out, "--executor", "inline", "--config", world["config"]]
+
+
+def test_extract_inspect_train_on_s3_equal_a_local_cache(world, s3, tmp_path, capsys):
+    url = s3.url("cache")
+    assert weclip(*extract_args(world, url)) == 0
+    assert s3.objects().keys() == {f"cache/{k}" for k in local_objects(world["local"])}
+    assert {k: v for k, v in s3.objects().items()} == {f"cache/{k}": v for k, v in local_objects(world["local"]).items()}
+    remote, local = CacheReader(url), CacheReader(world["local"])
+    assert remote.committed() == local.committed() == set(range(4))
+    assert remote.index.equals(local.index) and remote.tables.shards.equals(local.tables.shards)
+    rows = local.index.column("row").to_pylist()
+    for name, values in local.read(rows).items():
+        assert (remote.read(rows)[name] == values).all(), name
+
+    capsys.readouterr()
+    assert weclip("inspect", url) == 0
+    shown = capsys.readouterr().out
+    assert f"feature cache {url}" in shown and "10 samples committed" in shown and "complete" in shown
+
+    sets = [part for item in TRAIN_SETS for part in ("--set", item)]
+    assert weclip("train", "--cache", url, "-o", tmp_path / "run_s3", *sets) == 0
+    assert weclip("train", "--cache", world["local"], "-o", tmp_path / "run_local", *sets) == 0
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("run_s3", "run_local")]
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
+
+
+def test_sigkill_mid_shard_on_s3_then_rerun_equals_an_uninterrupted_run(world, s3):
+    url = s3.url("cache")
+    child = subprocess.run([sys.executable, "-c", CHILD, str(KILLED_SHARD), *map(str, extract_args(world, url))],
+                           cwd=xf.TESTS.parent, env={**os.environ, "PYTHONPATH": str(xf.TESTS.parent)},
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    left = s3.objects()
+    def stored(name: str) -> bool:
+        return any(k.startswith(f"cache/{name}/c/{KILLED_SHARD}/") for k in left)
+    assert stored("attn") and not stored("cams")  # the killed shard stored some of its arrays ...
+    assert f"cache/{commit_key(KILLED_SHARD)}" not in left  # ... and no commit
+    assert CacheReader(url).committed() == set(range(KILLED_SHARD))
+
+    assert weclip(*extract_args(world, url)) == 0
+    assert s3.objects() == {f"cache/{k}": v for k, v in local_objects(world["local"]).items()}
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fail_one_line(args: list[object], capsys) -> str:
+    """Run `weclip ARGS`, which must fail as a user error: its one `error:` line."""
+    capsys.readouterr()
+    assert weclip(*args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("case", ["missing_bucket", "refused_credentials", "closed_port", "unresolvable_host"])
+def test_storage_failures_are_one_line_naming_the_url_and_the_setting(world, s3, case, monkeypatch, capsys):
+    url = s3.url("cache")
+    if case == "missing_bucket":
+        url = f"s3://{s3.bucket}-absent/cache"
+    elif case != "refused_credentials":
+        host = f"http://127.0.0.1:{closed_port()}" if case == "closed_port" else "http://no-such-host.invalid"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", host)
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries only slow the test down
+    clear_clients()
+    with refusing_credentials() if case == "refused_credentials" else nullcontext():
+        line = fail_one_line(extract_args(world, url), capsys)
+        again = fail_one_line(["inspect", url], capsys)  # a reader fails the same way
+    expected = {"missing_bucket": ("does not exist", f"'{s3.bucket}-absent'", "aws s3 mb"),
+                "refused_credentials": ("refused the credentials", "HTTP 403", "AWS_SECRET_ACCESS_KEY"),
+                "closed_port": ("cannot reach", "127.0.0.1", "AWS_ENDPOINT_URL"),
+                "unresolvable_host": ("does not resolve", "no-such-host.invalid", "AWS_ENDPOINT_URL")}[case]
+    assert url in line and all(part in line for part in expected), line
+    assert url in again and all(part in again for part in expected), again
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    clear_clients()
+    assert s3.objects() == {}  # nothing written, so nothing shown as committed
+    assert not s3.fs.exists(f"{s3.bucket}-absent")
