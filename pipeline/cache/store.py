@@ -363,10 +363,17 @@ def _check_same(meta: dict[str, Any], spec: CacheSpec, fingerprint: dict[str, An
 
 
 def _load_commits(store: Store, digest: str) -> dict[int, ShardCommit]:
+    """Every commit record, fetched concurrently (on an object store one request each: thousands for a large cache)."""
     commits = {}
-    for shard in _list_commits(store):
+    shards = _list_commits(store)
+
+    async def fetch() -> list[Any]:
+        return await asyncio.gather(*(store.get(commit_key(s), prototype=default_buffer_prototype()) for s in shards))
+    for shard, buf in zip(shards, sync(fetch())):
         key = commit_key(shard)
-        commit = ShardCommit.from_json(_get_required(store, key, key), key)
+        if buf is None:  # deleted since the listing (a rerun rewriting that shard)
+            raise NotACache(f"{_name(store)}: {key} disappeared while the commit records were read; rerun the command")
+        commit = ShardCommit.from_json(buf.to_bytes(), key)
         if commit.fingerprint != digest or commit.shard != shard:
             raise CacheError(f"commit record {key} belongs to another cache (fingerprint {commit.fingerprint}, "
                              f"shard {commit.shard}); delete it and rerun extract to rewrite the shard")
