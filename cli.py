@@ -218,8 +218,13 @@ def manifest(
                                           "read. --set goes on top."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a manifest setting, e.g. --set "
                                              "manifest.decode=header (repeatable)."),
+    record_root: Optional[str] = typer.Option(None, "--root", help="Record this dataset root instead of ROOT, an "
+                                              "fsspec URL (s3://bucket/voc) the extract workers read the images "
+                                              "from; ROOT is a local copy, checked to hold the same files."),
+    storage_options: Optional[str] = StorageOpt,
 ) -> None:
     """Build a Parquet dataset manifest; bad images go to a rejects file with the reason."""
+    _use_storage_options(storage_options)
     settings = _settings(ManifestSettings(), config, set_)
     target = require_local(out, "manifest path")
     from stages import manifest as stage
@@ -228,7 +233,7 @@ def manifest(
                         labels_from=None if labels_from is None else labels_from.value, class_set=class_set,
                         class_names_file=class_names_file, labels_file=_from_cwd(labels_file),
                         annotations=_from_cwd(annotations), cfg=settings.manifest, progress=_progress(),
-                        command=_command_line())
+                        command=_command_line(), record_root=record_root)
     _print(summary)
 
 

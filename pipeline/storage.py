@@ -80,8 +80,7 @@ def url_store(url: str, read_only: bool) -> Any:
     fs, path = open_fs(url, asynchronous=True)
     if not fs.async_impl:  # memory:// and other synchronous filesystems: zarr wraps them itself
         return FsspecStore.from_url(url, storage_options=storage_options(), read_only=read_only)
-    bucket = path.split("/", 1)[0]
-    if _protocol(url) in BUCKET_PROTOCOLS:
+    if bucket := _bucket(url, path):
         with storage_errors(url, bucket=bucket):
             sync(fs._info(bucket))
     return FsspecStore(fs=fs, path=path, read_only=read_only)
@@ -92,6 +91,14 @@ def read_bytes(url: str) -> bytes:
     fs, path = open_fs(url)
     with storage_errors(url):
         return fs.cat_file(path)
+
+
+def object_sizes(url: str) -> dict[str, int]:
+    """{key relative to `url`: size} of every object under `url` (listed page by page)."""
+    fs, path = open_fs(url)
+    with storage_errors(url, bucket=_bucket(url, path)):
+        found = fs.find(path, detail=True)
+    return {name[len(path):].lstrip("/"): int(info["size"]) for name, info in found.items()}
 
 
 @contextmanager
@@ -166,5 +173,6 @@ def _configured_endpoint() -> str:
             or "the AWS default (no AWS_ENDPOINT_URL set)")
 
 
-def _protocol(url: str) -> str:
-    return url.split("://", 1)[0].lower()
+def _bucket(url: str, path: str) -> str | None:
+    """The bucket of a URL of a bucket protocol (s3://BUCKET/...), else None."""
+    return path.split("/", 1)[0] if url.split("://", 1)[0].lower() in BUCKET_PROTOCOLS else None

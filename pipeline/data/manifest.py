@@ -188,6 +188,19 @@ def validate(candidates: Sequence[Candidate], root: Path, num_classes: int, *, d
     return rows, rejects
 
 
+def check_copy(rows: Sequence[ManifestRow], local_root: Path, url_root: str) -> None:
+    """Refuse a URL dataset root whose objects differ from the validated local copy: every image and mask of `rows`
+    must be there with the local file's size (one paged listing; contents are not compared)."""
+    remote = storage.object_sizes(url_root)
+    files = [p for r in rows for p in (r.image_path, r.mask_path) if p is not None]
+    bad = [p for p in files if remote.get(p) != (local_root / p).stat().st_size]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise DataError(f"the dataset copy at {url_root} differs from {local_root}: {len(bad)} of {len(files)} files "
+                        f"are missing there or of another size ({shown}); copy the dataset there (e.g. `aws s3 sync "
+                        f"{local_root} {url_root}`) or fix --root")
+
+
 def rejects_path(manifest_path: str | Path) -> Path:
     """`x/voc_train_aug.parquet` -> `x/voc_train_aug.rejects.jsonl`."""
     path = Path(manifest_path)

@@ -70,8 +70,7 @@ def extract_args(world: dict[str, Path], out: str) -> list[object]:
 def test_extract_inspect_train_on_s3_equal_a_local_cache(world, s3, tmp_path, capsys):
     url = s3.url("cache")
     assert weclip(*extract_args(world, url)) == 0
-    assert s3.objects().keys() == {f"cache/{k}" for k in local_objects(world["local"])}
-    assert {k: v for k, v in s3.objects().items()} == {f"cache/{k}": v for k, v in local_objects(world["local"]).items()}
+    assert s3.objects() == {f"cache/{k}": v for k, v in local_objects(world["local"]).items()}
     remote, local = CacheReader(url), CacheReader(world["local"])
     assert remote.committed() == local.committed() == set(range(4))
     assert remote.index.equals(local.index) and remote.tables.shards.equals(local.tables.shards)
@@ -117,9 +116,9 @@ def closed_port() -> int:
 
 
 def fail_one_line(args: list[object], capsys) -> str:
-    """Run `weclip ARGS`, which must fail as a user error: its one `error:` line."""
+    """Run `weclip --quiet ARGS`, which must fail as a user error: its one `error:` line, and nothing else."""
     capsys.readouterr()
-    assert weclip(*args) == 2
+    assert weclip("--quiet", *args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
@@ -149,3 +148,26 @@ def test_storage_failures_are_one_line_naming_the_url_and_the_setting(world, s3,
     clear_clients()
     assert s3.objects() == {}  # nothing written, so nothing shown as committed
     assert not s3.fs.exists(f"{s3.bucket}-absent")
+
+
+def test_manifest_and_images_on_s3(world, s3, tmp_path, capsys):
+    """`weclip manifest ... --root s3://bucket/voc` records the bucket as the dataset root (after checking that it holds
+    the validated local copy's files); `weclip extract s3://bucket/manifest.parquet` then reads manifest and images
+    from the bucket and gives the local cache; an image deleted from the bucket becomes a recorded skip."""
+    voc = world["root"] / "voc"
+    s3.fs.put(f"{voc}/", s3.url("voc"), recursive=True)
+    s3.fs.rm(s3.url("voc/Annotations"), recursive=True)  # not read by a mask-labelled manifest
+    manifest = tmp_path / "train.parquet"
+    assert weclip("manifest", "voc", voc, "-o", manifest, "--root", s3.url("voc")) == 0
+    s3.fs.put(str(manifest), s3.url("train.parquet"))
+    assert weclip("extract", s3.url("train.parquet"), *extract_args(world, s3.url("cache"))[2:]) == 0
+    assert {k: v for k, v in s3.objects().items() if k.startswith("cache/")} == {
+        f"cache/{k}": v for k, v in local_objects(world["local"]).items()}
+
+    s3.fs.rm(s3.url("voc/JPEGImages/c.jpg"))
+    line = fail_one_line(["manifest", "voc", voc, "-o", tmp_path / "again.parquet", "--root", s3.url("voc")], capsys)
+    assert "JPEGImages/c.jpg" in line and s3.url("voc") in line and "aws s3 sync" in line
+    summary = extract.run(CFG, s3.url("train.parquet"), s3.url("cache2"), executor="inline", progress=False,
+                          model_configs=[xf.TINY_CONFIG])
+    assert [(s["image_id"], s["reason"]) for s in summary.skipped] == [("c", "image_missing")]
+    assert (summary.views_in_cache, summary.views_skipped) == (8, 2)
