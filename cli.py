@@ -340,8 +340,10 @@ def evaluate(
     device: Optional[str] = DeviceOpt,
     config: Optional[Path] = EvalConfigOpt,
     set_: Optional[list[str]] = EvalSetOpt,
+    storage_options: Optional[str] = StorageOpt,
 ) -> None:
     """Multi-scale + flip inference with the backbone online, optional DenseCRF, mIoU report."""
+    _use_storage_options(storage_options)
     report_dir = require_local(out, "report folder")
     cfg, pretrained = _checkpoint_config(checkpoint, config, set_)
     from stages import evaluate as stage

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -18,6 +20,8 @@ import pytest
 import cli
 from pipeline.cache.schema import commit_key
 from pipeline.cache.store import CacheReader
+from pipeline.data.manifest import read_manifest
+from pipeline.storage import use_storage_options
 from stages import extract
 from tests.s3_fakes import clear_clients, moto_server, refusing_credentials, s3  # noqa: F401  (fixtures)
 from tests.stages import extract_fakes as xf
@@ -32,6 +36,7 @@ TRAIN_SETS = ["train.iterations=2", "train.batch_size=2", "train.checkpoint_ever
 # stored (extract_fakes.die_inside_shard hooks the cache writer's own steps).
 CHILD = r"""
 import sys
+import tempfile
 import cli
 from tests.stages import extract_fakes as xf
 xf.die_inside_shard(int(sys.argv[1]), "after_some_arrays")
@@ -171,3 +176,68 @@ def test_manifest_and_images_on_s3(world, s3, tmp_path, capsys):
                           model_configs=[xf.TINY_CONFIG])
     assert [(s["image_id"], s["reason"]) for s in summary.skipped] == [("c", "image_missing")]
     assert (summary.views_in_cache, summary.views_skipped) == (8, 2)
+
+
+SECRET_KEY_ID, SECRET = "AKIAWECLIPSECRET4711", "weclip-s3cr3t-C0FFEE-4711"
+
+
+def secret_search(s3, folders: list[Path], *texts: str) -> list[str]:
+    """Every file under `folders`, object in the bucket and text that holds the fake key id or secret."""
+    def leaks(data: bytes) -> bool:
+        return SECRET.encode() in data or SECRET_KEY_ID.encode() in data
+    found = [str(p) for folder in folders for p in folder.rglob("*") if p.is_file() and leaks(p.read_bytes())]
+    found += [f"s3://{s3.bucket}/{key}" for key, data in s3.objects().items() if leaks(data)]
+    return found + [f"output: ...{t[max(0, t.find(SECRET) - 80):][:200]}" for t in texts if leaks(t.encode())]
+
+
+def test_credentials_reach_every_stage_and_land_nowhere(world, s3, tmp_path, monkeypatch, capsys):
+    """Credentials given only as --storage-options (none in the environment) carry manifest → extract → inspect →
+    train → evaluate on the bucket; no file written (locally or in the bucket), no record and no output holds them."""
+    s3.fs.put(f"{world['root'] / 'voc'}/", s3.url("voc"), recursive=True)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    clear_clients()
+    options = ["--storage-options", json.dumps({"key": SECRET_KEY_ID, "secret": SECRET})]
+    manifest, run, report = tmp_path / "train.parquet", tmp_path / "run", tmp_path / "eval"
+    commands = [["manifest", "voc", world["root"] / "voc", "-o", manifest, "--root", s3.url("voc"), *options],
+                [*extract_args(world, s3.url("cache")), *options],
+                ["inspect", s3.url("cache"), *options],
+                ["train", "--cache", s3.url("cache"), "-o", run, *options,
+                 *[part for item in TRAIN_SETS for part in ("--set", item)]],
+                ["evaluate", manifest, "--checkpoint", run / "checkpoint.pt", "-o", report, "--workers", "0",
+                 *options]]
+    outputs = []
+    for args in commands:
+        monkeypatch.delenv("WECLIP_STORAGE_OPTIONS", raising=False)  # each command gets them from its own option
+        monkeypatch.setattr(sys, "argv", ["weclip", *map(str, args)])  # what the manifest records as its command
+        assert weclip(*args) == 0, args[0]
+        captured = capsys.readouterr()
+        outputs += [captured.out, captured.err]
+    assert json.loads((report / "report.json").read_text())["images"] == 5
+    assert "--storage-options '***'" in read_manifest(manifest).command
+    assert secret_search(s3, [tmp_path, world["root"]], *outputs) == []
+    (tmp_path / "planted").write_text(f"key={SECRET}")  # the search does find one
+    assert secret_search(s3, [tmp_path], "") == [str(tmp_path / "planted")]
+
+
+@pytest.mark.slow  # local Ray: about 30 s here
+def test_storage_options_reach_local_ray_workers_and_land_nowhere(world, s3, tmp_path, monkeypatch, capsys):
+    """The same with the shard tasks on a local Ray: the workers write to the bucket with the options' credentials
+    (the environment has none), and neither the bucket, the output nor Ray's session logs hold them."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.delenv("WECLIP_STORAGE_OPTIONS", raising=False)
+    clear_clients()
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+    use_storage_options({"key": SECRET_KEY_ID, "secret": SECRET})  # what --storage-options does
+    try:
+        summary = extract.run(CFG, world["manifest"], s3.url("cache"), executor="ray", progress=False,
+                              model_configs=[xf.TINY_CONFIG])
+        captured = capsys.readouterr()
+        assert summary.shards_written == 4
+        assert s3.objects() == {f"cache/{k}": v for k, v in local_objects(world["local"]).items()}
+        assert any(ray_tmp.rglob("*.log"))  # Ray did write its session logs there
+        assert secret_search(s3, [ray_tmp], captured.out, captured.err, summary.format(), repr(summary)) == []
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
