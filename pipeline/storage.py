@@ -128,6 +128,8 @@ def storage_error(url: str, err: BaseException, bucket: str | None = None) -> St
         endpoint = next((e for e in map(_endpoint, chain) if e), None) or _configured_endpoint()
         why = "its host name does not resolve" if {"gaierror", "ClientConnectorDNSError"} & names else \
             "the connection failed"
+        if not _endpoint_configured():
+            why += "; no endpoint is configured, so it went to AWS"
         return StorageError(f"cannot reach the object store endpoint {endpoint} for {url} ({why}); {ENDPOINT_FIX}")
     if "NoSuchBucket" in codes or (bucket is not None and isinstance(err, FileNotFoundError)):
         name = bucket or urlsplit(url).netloc
@@ -165,12 +167,15 @@ def _endpoint(err: BaseException) -> str | None:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-def _configured_endpoint() -> str:
-    """The endpoint an S3 URL goes to: the storage options', the environment's, else AWS's default."""
+def _endpoint_configured() -> str | None:
+    """The endpoint an S3 URL goes to when one is set: the storage options', else the environment's."""
     options = storage_options()
     return (options.get("endpoint_url") or options.get("client_kwargs", {}).get("endpoint_url")
-            or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-            or "the AWS default (no AWS_ENDPOINT_URL set)")
+            or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+
+
+def _configured_endpoint() -> str:
+    return _endpoint_configured() or "the AWS default (no AWS_ENDPOINT_URL set)"
 
 
 def _bucket(url: str, path: str) -> str | None:
