@@ -295,7 +295,7 @@ def inspect(cache: str = typer.Argument(..., help="Cache path or fsspec URL."),
 def train(
     out: str = typer.Option(..., "--out", "-o", help="Run folder: checkpoints and metrics.jsonl."),
     cache: Optional[str] = typer.Option(None, help="Feature cache from `weclip extract`."),
-    online: Optional[Path] = typer.Option(None, help="Train online from this manifest instead (backbone in the loop)."),
+    online: Optional[str] = typer.Option(None, help="Train online from this manifest instead (backbone in the loop)."),
     preset: Preset = PresetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
     iterations: Optional[int] = typer.Option(None, help="Total training iterations (default: the preset's)."),
@@ -304,7 +304,7 @@ def train(
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
-    val: Optional[Path] = typer.Option(None, "--val", help="Val manifest (with masks), scored every train.val_every "
+    val: Optional[str] = typer.Option(None, "--val", help="Val manifest (with masks), scored every train.val_every "
                                        "steps (with --val, default train.checkpoint_every); the best: best.pt."),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Train on a cache whose extraction has not "
                                        "finished (its committed samples), with a warning; refused otherwise."),
@@ -330,7 +330,7 @@ def train(
 
 @app.command()
 def evaluate(
-    manifest: Path = typer.Argument(..., help="Manifest with ground-truth masks (e.g. VOC val)."),
+    manifest: str = typer.Argument(..., help="Manifest with ground-truth masks (e.g. VOC val); a path or fsspec URL."),
     checkpoint: Path = CheckpointOpt,
     out: str = typer.Option(..., "--out", "-o", help="Report folder (report.json, report.md, predictions)."),
     crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="DenseCRF on the msc+flip logits."),

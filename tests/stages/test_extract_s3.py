@@ -28,7 +28,8 @@ from tests.stages import extract_fakes as xf
 
 CFG = xf.tiny_config()  # 5 images × 2 views, shards of 3 samples: 4 shards
 KILLED_SHARD = 2
-TRAIN_SETS = ["train.iterations=2", "train.batch_size=2", "train.checkpoint_every=2", "train.loader_workers=0",
+# loader_workers=2 is the default: forked DataLoader processes read the bucket
+TRAIN_SETS = ["train.iterations=2", "train.batch_size=2", "train.checkpoint_every=2", "train.loader_workers=2",
               "train.warmup_iters=1", "refine.static_layers=2", "refine.rfm_layers=2", "refine.rfm_start_iter=1",
               "decoder.embed_dim=32", "decoder.mlp_dim=64", "decoder.layers=1", "decoder.heads=2"]
 
