@@ -10,8 +10,8 @@ through a file. No message, record or log quotes them.
 
 Errors (`storage_errors`): a missing bucket, refused or missing credentials, and an endpoint that cannot be reached
 (a closed port, a host name that does not resolve: the AWS default when no endpoint is configured and the network is
-closed) each become one StorageError line. Every cache opened at a URL is probed first (one request on its bucket),
-so these show before anything is written.
+closed) each become one StorageError line. Every cache opened at a URL is probed first (one request on its bucket:
+on S3 a one-key listing of its prefix), so these show before anything is written.
 """
 from __future__ import annotations
 
@@ -68,7 +68,10 @@ def open_fs(url: str, asynchronous: bool = False) -> tuple[Any, str]:
 
     options = storage_options()
     with storage_errors(url):
-        return url_to_fs(url, **({"asynchronous": True} if asynchronous else {}), **options)
+        try:
+            return url_to_fs(url, **({"asynchronous": True} if asynchronous else {}), **options)
+        except ImportError as err:  # fsspec's "Install s3fs to access S3"
+            raise StorageError(f"{url}: {err}; install weclip's extra for it: pip install 'weclip[s3]' (s3fs)") from None
 
 
 def url_store(url: str, read_only: bool) -> Any:
@@ -82,8 +85,17 @@ def url_store(url: str, read_only: bool) -> Any:
         return FsspecStore.from_url(url, storage_options=storage_options(), read_only=read_only)
     if bucket := _bucket(url, path):
         with storage_errors(url, bucket=bucket):
-            sync(fs._info(bucket))
+            sync(_probe(fs, bucket, path))
     return FsspecStore(fs=fs, path=path, read_only=read_only)
+
+
+async def _probe(fs: Any, bucket: str, path: str) -> None:
+    """One request that fails as every later one would: on S3 a one-key listing of the store's own prefix (which a
+    policy limited to that prefix allows, unlike HeadBucket), elsewhere the bucket's info."""
+    if hasattr(fs, "_call_s3"):
+        await fs._call_s3("list_objects_v2", Bucket=bucket, Prefix=path[len(bucket) + 1:], MaxKeys=1)
+    else:
+        await fs._info(bucket)
 
 
 def read_bytes(url: str) -> bytes:

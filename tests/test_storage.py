@@ -74,3 +74,13 @@ def test_storage_options_of_a_process(monkeypatch):
     monkeypatch.setenv(storage.OPTIONS_ENV, '["not", "an object"]')
     with pytest.raises(ConfigError, match=storage.OPTIONS_ENV):
         storage.storage_options()
+
+
+def test_a_url_without_its_filesystem_package_names_the_extra(monkeypatch):
+    import fsspec.core
+
+    def missing(url, **options):
+        raise ImportError("Install s3fs to access S3")
+    monkeypatch.setattr(fsspec.core, "url_to_fs", missing)
+    with pytest.raises(StorageError, match=r"s3://bucket/cache: Install s3fs .*pip install 'weclip\[s3\]'"):
+        storage.open_fs(URL)

@@ -144,7 +144,7 @@ def test_storage_failures_are_one_line_naming_the_url_and_the_setting(world, s3,
         line = fail_one_line(extract_args(world, url), capsys)
         again = fail_one_line(["inspect", url], capsys)  # a reader fails the same way
     expected = {"missing_bucket": ("does not exist", f"'{s3.bucket}-absent'", "aws s3 mb"),
-                "refused_credentials": ("refused the credentials", "HTTP 403", "AWS_SECRET_ACCESS_KEY"),
+                "refused_credentials": ("refused the credentials", "InvalidAccessKeyId", "AWS_SECRET_ACCESS_KEY"),
                 "closed_port": ("cannot reach", "127.0.0.1", "AWS_ENDPOINT_URL"),
                 "unresolvable_host": ("does not resolve", "no-such-host.invalid", "AWS_ENDPOINT_URL")}[case]
     assert url in line and all(part in line for part in expected), line
