@@ -1,7 +1,9 @@
-"""The feature cache on a real S3-compatible HTTP server (moto's server mode on 127.0.0.1, tests/s3_fakes.py):
-extract → inspect → train through the CLI equal a local cache object for object; a SIGKILL mid-shard then a rerun
-equals an uninterrupted run; a missing bucket, refused credentials, a closed port or a host name that does not
-resolve each give one `error:` line naming the URL and the setting, with nothing committed."""
+"""The feature cache, manifests and images on a real S3-compatible HTTP server (moto's server mode on 127.0.0.1,
+tests/s3_fakes.py): extract → inspect → train through the CLI equal a local cache object for object; a SIGKILL
+mid-shard then a rerun equals an uninterrupted run; a missing bucket, refused credentials, a closed port or a host
+name that does not resolve each give one `error:` line naming the URL and the setting, with nothing written; a
+manifest and its images on the bucket; credentials given as storage options reach every stage (and local Ray
+workers) and land in no file, object or output."""
 from __future__ import annotations
 
 import json
@@ -97,6 +99,7 @@ def test_extract_inspect_train_on_s3_equal_a_local_cache(world, s3, tmp_path, ca
     assert len(losses[0]) == 2 and losses[0] == losses[1]
 
 
+@pytest.mark.slow  # about 30 s: a child process that imports torch, then a rerun
 def test_sigkill_mid_shard_on_s3_then_rerun_equals_an_uninterrupted_run(world, s3):
     url = s3.url("cache")
     child = subprocess.run([sys.executable, "-c", CHILD, str(KILLED_SHARD), *map(str, extract_args(world, url))],
@@ -191,6 +194,7 @@ def secret_search(s3, folders: list[Path], *texts: str) -> list[str]:
     return found + [f"output: ...{t[max(0, t.find(SECRET) - 80):][:200]}" for t in texts if leaks(t.encode())]
 
 
+@pytest.mark.slow  # about 45 s: five commands
 def test_credentials_reach_every_stage_and_land_nowhere(world, s3, tmp_path, monkeypatch, capsys):
     """Credentials given only as --storage-options (none in the environment) carry manifest → extract → inspect →
     train → evaluate on the bucket; no file written (locally or in the bucket), no record and no output holds them."""
