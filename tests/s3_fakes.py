@@ -61,10 +61,22 @@ def s3_environment(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
 
 
 def clear_clients() -> None:
-    """Forget cached s3fs instances, whose clients keep the endpoint and credentials they were made with."""
+    """Close and forget the cached s3fs instances, whose clients keep the endpoint and credentials they were made
+    with: the synchronous ones on fsspec's loop, the asynchronous ones (zarr's stores) on zarr's."""
     import s3fs
 
+    for fs in list(s3fs.S3FileSystem._cache.values()):
+        close(fs)
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def close(fs: Any) -> None:
+    """Close an s3fs instance's client (an unclosed one is reported when it is garbage collected)."""
+    import fsspec.asyn
+    from zarr.core.sync import sync
+
+    if getattr(fs, "_s3", None) is not None:
+        sync(fs._s3.close()) if fs.asynchronous else fsspec.asyn.sync(fs.loop, fs._s3.close)
 
 
 @pytest.fixture
@@ -77,6 +89,7 @@ def s3(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3]:
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.mkdir(bucket)
     yield S3(endpoint=moto_server, bucket=bucket, fs=fs)
+    close(fs)
     clear_clients()
 
 
