@@ -23,7 +23,7 @@ import typer
 from pipeline.config import PRESETS, Config, ManifestSettings, Settings, apply_config_file, dump_config, leaves, \
     load_config_file, preset as load_preset, set_field
 from pipeline.errors import ConfigError, WeclipError
-from pipeline.files import require_local
+from pipeline.files import json_object_option, require_local
 
 app = typer.Typer(
     add_completion=False,
@@ -108,10 +108,27 @@ CheckpointOpt = typer.Option(..., "--checkpoint", help="A checkpoint from `wecli
 WorkersOpt = typer.Option(None, "--workers", help="DenseCRF worker processes (default: eval.crf_workers; 0 = this "
                           "process).")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available).")
+StorageOpt = typer.Option(None, "--storage-options", help="fsspec storage options for s3:// (and other) URLs, JSON "
+                          'or @FILE, e.g. \'{"endpoint_url": "http://minio:9000"}\' (credentials: the AWS_* '
+                          "variables, or key/secret here); never printed or stored.")
+SECRET_OPTIONS = ("--storage-options", "--runtime-env")  # their values are never recorded (`_command_line`)
 
 
 def _command_line() -> str:
-    return "weclip " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    """The command line, as recorded in a manifest; the values of SECRET_OPTIONS are replaced by `***`."""
+    args = sys.argv[1:]
+    redacted = ["***" if i and args[i - 1] in SECRET_OPTIONS else
+                next((f"{o}=***" for o in SECRET_OPTIONS if a.startswith(o + "=")), a) for i, a in enumerate(args)]
+    return "weclip " + " ".join(shlex.quote(a) for a in redacted)
+
+
+def _use_storage_options(text: Optional[str]) -> None:
+    """`--storage-options`: the fsspec options every URL of this command (and its workers) is opened with."""
+    if text is not None:
+        from pipeline import storage
+
+        storage.use_storage_options(json_object_option(text, "--storage-options",
+                                                       '{"endpoint_url": "http://HOST:9000"}'))
 
 
 def _parse_set(item: str) -> tuple[str, Any]:
@@ -201,8 +218,13 @@ def manifest(
                                           "read. --set goes on top."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a manifest setting, e.g. --set "
                                              "manifest.decode=header (repeatable)."),
+    record_root: Optional[str] = typer.Option(None, "--root", help="Record this dataset root instead of ROOT, an "
+                                              "fsspec URL (s3://bucket/voc) the extract workers read the images "
+                                              "from; ROOT is a local copy, checked to hold the same files."),
+    storage_options: Optional[str] = StorageOpt,
 ) -> None:
     """Build a Parquet dataset manifest; bad images go to a rejects file with the reason."""
+    _use_storage_options(storage_options)
     settings = _settings(ManifestSettings(), config, set_)
     target = require_local(out, "manifest path")
     from stages import manifest as stage
@@ -211,13 +233,14 @@ def manifest(
                         labels_from=None if labels_from is None else labels_from.value, class_set=class_set,
                         class_names_file=class_names_file, labels_file=_from_cwd(labels_file),
                         annotations=_from_cwd(annotations), cfg=settings.manifest, progress=_progress(),
-                        command=_command_line())
+                        command=_command_line(), record_root=record_root)
     _print(summary)
 
 
 @app.command()
 def extract(
-    manifest: Path = typer.Argument(..., help="Training manifest (.parquet) from `weclip manifest`."),
+    manifest: str = typer.Argument(..., help="Training manifest (.parquet) from `weclip manifest`; a path or an "
+                                   "fsspec URL (s3://bucket/train.parquet)."),
     out: str = typer.Option(..., "--out", "-o", help="Cache folder or fsspec URL; an existing cache is resumed."),
     preset: Preset = PresetOpt,
     executor: Executor = typer.Option(Executor("ray"), help="ray (local Ray, or the cluster at --ray-address) or "
@@ -240,8 +263,10 @@ def extract(
                                                 "the time at (a short --limit run prints this machine's)."),
     verify: bool = typer.Option(False, "--verify", help="On an existing cache, re-read every committed shard against "
                                 "its checksums (not only file sizes) and rewrite the damaged ones."),
+    storage_options: Optional[str] = StorageOpt,
 ) -> None:
     """Run the frozen CLIP once per training view; write features, attention and Grad-CAMs to a Zarr cache."""
+    _use_storage_options(storage_options)
     cfg = _config(preset, set_, config)
     if views is not None:
         cfg = cfg.replace(extract={"views": views})
@@ -257,8 +282,10 @@ def extract(
 @app.command()
 def inspect(cache: str = typer.Argument(..., help="Cache path or fsspec URL."),
             verify: bool = typer.Option(False, "--verify", help="Re-read every committed shard against its checksums "
-                                        "(reads all the data; without it, file sizes only).")) -> None:
+                                        "(reads all the data; without it, file sizes only)."),
+            storage_options: Optional[str] = StorageOpt) -> None:
     """Show a cache's fingerprint, counts, bytes per sample, skipped images and damaged shards."""
+    _use_storage_options(storage_options)
     from stages import inspect as stage
 
     _print(stage.run(cache, verify=verify))
@@ -268,7 +295,7 @@ def inspect(cache: str = typer.Argument(..., help="Cache path or fsspec URL."),
 def train(
     out: str = typer.Option(..., "--out", "-o", help="Run folder: checkpoints and metrics.jsonl."),
     cache: Optional[str] = typer.Option(None, help="Feature cache from `weclip extract`."),
-    online: Optional[Path] = typer.Option(None, help="Train online from this manifest instead (backbone in the loop)."),
+    online: Optional[str] = typer.Option(None, help="Train online from this manifest instead (backbone in the loop)."),
     preset: Preset = PresetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
     iterations: Optional[int] = typer.Option(None, help="Total training iterations (default: the preset's)."),
@@ -277,17 +304,19 @@ def train(
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
-    val: Optional[Path] = typer.Option(None, "--val", help="Val manifest (with masks), scored every train.val_every "
+    val: Optional[str] = typer.Option(None, "--val", help="Val manifest (with masks), scored every train.val_every "
                                        "steps (with --val, default train.checkpoint_every); the best: best.pt."),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Train on a cache whose extraction has not "
                                        "finished (its committed samples), with a warning; refused otherwise."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Training processes on this machine (DistributedDataParallel; "
                               "each reads train.batch_size / N rows of every batch; on CUDA one GPU each). Across "
                               "machines: torchrun --nnodes M --nproc-per-node N --no-python weclip train …"),
+    storage_options: Optional[str] = StorageOpt,
 ) -> None:
     """Train the decoder with RFM + PAR from the cache (or --online, the released code's way).
 
     Same steps, losses and checkpoints on 1 or N processes (--nproc N, or under torchrun)."""
+    _use_storage_options(storage_options)
     from stages import train as stage
 
     cfg = _config(preset, set_, config)
@@ -313,7 +342,7 @@ def train(
 
 @app.command()
 def evaluate(
-    manifest: Path = typer.Argument(..., help="Manifest with ground-truth masks (e.g. VOC val)."),
+    manifest: str = typer.Argument(..., help="Manifest with ground-truth masks (e.g. VOC val); a path or fsspec URL."),
     checkpoint: Path = CheckpointOpt,
     out: str = typer.Option(..., "--out", "-o", help="Report folder (report.json, report.md, predictions)."),
     crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="DenseCRF on the msc+flip logits."),
@@ -323,8 +352,10 @@ def evaluate(
     device: Optional[str] = DeviceOpt,
     config: Optional[Path] = EvalConfigOpt,
     set_: Optional[list[str]] = EvalSetOpt,
+    storage_options: Optional[str] = StorageOpt,
 ) -> None:
     """Multi-scale + flip inference with the backbone online, optional DenseCRF, mIoU report."""
+    _use_storage_options(storage_options)
     report_dir = require_local(out, "report folder")
     cfg, pretrained = _checkpoint_config(checkpoint, config, set_)
     from stages import evaluate as stage

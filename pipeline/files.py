@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from pipeline.errors import StorageError
+from pipeline.errors import ConfigError, StorageError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the folder holding `pipeline/`
 
@@ -21,6 +22,16 @@ def is_url(location: str | Path) -> bool:
 def local_path(location: str | Path) -> Path:
     """A local path or file:// URL as a Path (callers check `is_url` first)."""
     return Path(str(location).removeprefix("file://"))
+
+
+def join_location(root: str | Path, relative: str) -> str | Path:
+    """`root/relative`: a URL string under a URL root (a Path would collapse `s3://` to `s3:/`), else a Path."""
+    return f"{str(root).rstrip('/')}/{relative.lstrip('/')}" if is_url(root) else Path(root) / relative
+
+
+def absolute_location(location: str | Path) -> str:
+    """A URL as given; a local path made absolute (workers may run in another folder)."""
+    return str(location) if is_url(location) else str(local_path(location).resolve())
 
 
 def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
@@ -78,3 +89,24 @@ def require_local(location: str | Path, what: str) -> Path:
     raise StorageError(f"{what} {text} is a URL, but it must be a local path; write to a local folder and copy it "
                        f"to {scheme.group(1)}:// afterwards (only the feature cache of `weclip extract` and `weclip "
                        f"train --cache` may be a URL)")
+
+
+def json_object_option(text: str, option: str, example: str) -> dict[str, Any]:
+    """The JSON object an option gives inline or as @FILE (which keeps secrets out of the shell history and `ps`).
+    The messages never quote the text, which may hold credentials; `example` shows the expected shape."""
+    source = option
+    if text.startswith("@"):
+        source = text[1:]
+        try:
+            text = Path(source).read_text()
+        except OSError as err:
+            raise ConfigError(f"{option} file {source} cannot be read ({err.strerror}); give an existing JSON "
+                              "file") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{source} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); give a "
+                          f"JSON object such as {example}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source} must be a JSON object such as {example}, got a {type(value).__name__}")
+    return value

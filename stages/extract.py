@@ -22,8 +22,9 @@ from pipeline.extract import estimate
 from pipeline.extract.plan import ShardTask, cache_layout, make_plan
 from pipeline.extract.ray_runner import run_ray
 from pipeline.extract.worker import ExtractJob, ShardOutcome, run_shard
-from pipeline.files import is_url, local_path
+from pipeline.files import absolute_location
 from pipeline.model.backbone import default_device, load_backbone
+from pipeline.storage import storage_errors, storage_options
 
 Executor = Literal["ray", "inline"]
 
@@ -102,14 +103,14 @@ def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Execu
     device = str(default_device(device)) if executor == "inline" else "cpu"
     backbone = load_backbone(cfg.model, device, configs)
     fingerprint, spec = cache_layout(cfg, plan, backbone)
-    root = _cache_root(out)
+    root = absolute_location(out)
     provenance = {"config": cfg.to_dict(), "class_set": plan.classes.to_dict()}  # what train and evaluate adopt
     writer = CacheWriter.create_or_open(root, spec, fingerprint, provenance)  # once, before any worker (§3.3)
     repaired = writer.uncommit_damaged(verify)  # damaged committed shards lose their commit and are rerun
     committed = writer.committed()
     tasks = [plan.task(s) for s in range(plan.n_shards) if s not in committed]
     job = ExtractJob(cfg=cfg, out=root, spec=spec, fingerprint=fingerprint, classes=plan.classes,
-                     model_configs=configs, device=device)
+                     model_configs=configs, device=device, storage_options=storage_options())
     bar = tqdm(total=sum(len(t.samples) for t in tasks), unit="view", desc="extract", disable=not progress)
     extract_start = time.perf_counter()
     outcomes: list[ShardOutcome] = []
@@ -118,14 +119,14 @@ def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Execu
         outcomes.append(outcome)
         bar.update(outcome.samples + outcome.skipped_views)
 
-    with bar:
+    with bar, storage_errors(root):  # a store that fails mid-run (endpoint down, credentials revoked): one line
         if executor == "inline":
             for task in tasks:
                 done(run_shard(job, task))
         else:
             job = run_ray(job, tasks, ray_address, done, runtime_env)
-    extract_seconds = time.perf_counter() - extract_start
-    tables = writer.finalize()
+        extract_seconds = time.perf_counter() - extract_start
+        tables = writer.finalize()
     shards = tables.shards.to_pylist()
     views_in_cache = tables.index.num_rows
     return ExtractSummary(
@@ -137,7 +138,3 @@ def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Execu
         extract_seconds=extract_seconds, bytes_per_view=sum(s["bytes"] for s in shards) / max(views_in_cache, 1),
         raw_bytes_per_view=sum(a.sample_nbytes for a in spec.arrays().values()))
 
-
-def _cache_root(out: str | Path) -> str:
-    """An fsspec URL as given; a local path made absolute (workers may have another working directory)."""
-    return str(out) if is_url(out) else str(local_path(out).resolve())

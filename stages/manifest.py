@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline.config import ManifestConfig
 from pipeline.data.folder import load_class_prompts
-from pipeline.data.manifest import manifest_target, rejects_path, validate, write_manifest, write_rejects
+from pipeline.data.manifest import check_copy, manifest_target, rejects_path, validate, write_manifest, write_rejects
 from pipeline.data.registry import Inputs, layout, names, resolve_classes
 from pipeline.errors import DataError
 from pipeline.model.text import ClassSet
@@ -46,7 +46,8 @@ def run(fmt: str, root: str | Path, out: str | Path, *, split: str | None = None
         list_file: str | Path | None = None, labels_from: str | None = None,
         class_set: str | ClassSet | None = None, class_names_file: str | Path | None = None,
         labels_file: str | Path | None = None, annotations: str | Path | None = None,
-        cfg: ManifestConfig = ManifestConfig(), progress: bool = True, command: str | None = None) -> ManifestSummary:
+        cfg: ManifestConfig = ManifestConfig(), progress: bool = True, command: str | None = None,
+        record_root: str | None = None) -> ManifestSummary:
     """Build the manifest of one split of a dataset.
 
     fmt: voc | coco | folder | shapes. root: the dataset root. out: a `.parquet` path, or a folder
@@ -56,6 +57,8 @@ def run(fmt: str, root: str | Path, out: str | Path, *, split: str | None = None
     'json'. class_set: a `pipeline.model.text` class-set name or object (default: the format's own;
     folder needs it or class_names_file). labels_file: the folder format's CSV/JSON. annotations:
     COCO instances json if not in the usual place. command: recorded in the file (default: this call).
+    record_root: the dataset root to record instead of `root`, an fsspec URL (s3://bucket/voc) every extract worker
+    reads the images from; `root` is a local copy, validated here, whose files must be there with the same sizes.
     Rejected images (with reasons) go to `<manifest>.rejects.jsonl` next to the manifest.
     """
     entry = layout(fmt)
@@ -63,7 +66,7 @@ def run(fmt: str, root: str | Path, out: str | Path, *, split: str | None = None
         command = _call(fmt, {"root": str(root), "out": str(out), "split": split, "list_file": list_file,
                               "labels_from": labels_from, "class_set": getattr(class_set, "name", class_set),
                               "class_names_file": class_names_file, "labels_file": labels_file,
-                              "annotations": annotations})
+                              "annotations": annotations, "record_root": record_root})
     root = Path(root).resolve()
     split = split or entry.split
     manifest_path = manifest_target(out, fmt, split)
@@ -77,8 +80,10 @@ def run(fmt: str, root: str | Path, out: str | Path, *, split: str | None = None
     if not rows:
         raise DataError(f"no usable image in {root} (split {split!r}): all {len(rejects)} were rejected; "
                         f"see {reject_file}")
+    if record_root is not None:
+        check_copy(rows, root, record_root)
     prompts = None if class_names_file is None else load_class_prompts(class_names_file)
-    write_manifest(manifest_path, rows, dataset=fmt, class_names=classes, root=root, command=command,
+    write_manifest(manifest_path, rows, dataset=fmt, class_names=classes, root=record_root or root, command=command,
                    class_set=set_name, class_prompts=prompts)
     counts = Counter(label for r in rows for label in r.labels)
     return ManifestSummary(manifest_path=manifest_path, rejects_path=reject_file, dataset=fmt, split=split,

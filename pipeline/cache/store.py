@@ -46,6 +46,7 @@ from pipeline.cache.schema import (COMMIT_PREFIX, CONFIG_KEY, INDEX_KEY, KNOWN_S
                                    SCHEMA_VERSION, SHARDS_KEY, SKIPPED_KEY, ArraySchema, CacheSpec, commit_key)
 from pipeline.errors import CacheError, StorageError
 from pipeline.files import is_url, local_path
+from pipeline.storage import url_store
 
 CacheRoot = str | Path | Store
 
@@ -283,11 +284,12 @@ class CacheReader:
 
 
 def open_store(root: CacheRoot, read_only: bool) -> Store:
-    """A zarr store for a local path, an fsspec URL (s3://, gs://, memory://, ...) or a store instance."""
+    """A zarr store for a local path, an fsspec URL (s3://, gs://, memory://, ...; `pipeline.storage.url_store`
+    probes its bucket and names a storage failure) or a store instance."""
     if isinstance(root, Store):
         return root
     if is_url(root):
-        return FsspecStore.from_url(str(root), read_only=read_only)
+        return url_store(str(root), read_only=read_only)
     path = local_path(root)
     if read_only and not path.is_dir():
         raise NotACache(f"{path} does not exist or is not a directory; expected a weclip feature cache")
@@ -361,10 +363,17 @@ def _check_same(meta: dict[str, Any], spec: CacheSpec, fingerprint: dict[str, An
 
 
 def _load_commits(store: Store, digest: str) -> dict[int, ShardCommit]:
+    """Every commit record, fetched concurrently (on an object store one request each: thousands for a large cache)."""
     commits = {}
-    for shard in _list_commits(store):
+    shards = _list_commits(store)
+
+    async def fetch() -> list[Any]:
+        return await asyncio.gather(*(store.get(commit_key(s), prototype=default_buffer_prototype()) for s in shards))
+    for shard, buf in zip(shards, sync(fetch())):
         key = commit_key(shard)
-        commit = ShardCommit.from_json(_get_required(store, key, key), key)
+        if buf is None:  # deleted since the listing (a rerun rewriting that shard)
+            raise NotACache(f"{_name(store)}: {key} disappeared while the commit records were read; rerun the command")
+        commit = ShardCommit.from_json(buf.to_bytes(), key)
         if commit.fingerprint != digest or commit.shard != shard:
             raise CacheError(f"commit record {key} belongs to another cache (fingerprint {commit.fingerprint}, "
                              f"shard {commit.shard}); delete it and rerun extract to rewrite the shard")

@@ -8,13 +8,16 @@ is deliberately NOT applied: the ground-truth masks are aligned with the stored 
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from PIL import Image
 
+from pipeline import storage
 from pipeline.errors import DataError
+from pipeline.files import is_url
 
 # Modes PIL converts to RGB without losing meaning. The 16-bit grayscale modes are scaled first.
 _RGB_CONVERTIBLE = frozenset({"RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV",
@@ -29,33 +32,42 @@ class ImageDecodeError(DataError):
     """A file that cannot be used. `reason` is a short code used in reject files: missing, empty,
     corrupt, unsupported_mode, size_mismatch."""
 
-    def __init__(self, path: Path, reason: str, detail: str) -> None:
+    def __init__(self, path: str | Path, reason: str, detail: str) -> None:
         super().__init__(f"{path}: {detail}")
         self.path = path
         self.reason = reason
 
 
-def _open(path: Path) -> Image.Image:
-    """Open a file lazily (header only), turning every failure into an ImageDecodeError.
+def _open(path: str | Path) -> Image.Image:
+    """Open a file or an fsspec URL lazily (header only), turning every failure into an ImageDecodeError.
 
     A path that does not resolve to a file (absent, a symlink loop, a dangling link, a component that is not a
-    folder) is `missing`, as `os.path.exists` sees it: one such file must not stop a whole manifest build."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ImageDecodeError(path, "missing", "file does not exist") from None
-    except OSError as err:
-        raise ImageDecodeError(path, "missing", f"path does not lead to a file ({err.strerror})") from None
+    folder) is `missing`, as `os.path.exists` sees it: one such file must not stop a whole manifest build. An object
+    at a URL is read whole (object stores have no seek); a storage failure other than "no such object" is a
+    StorageError, since it concerns the store, not the image."""
+    if is_url(path):
+        try:
+            data = storage.read_bytes(str(path))
+        except FileNotFoundError:
+            raise ImageDecodeError(path, "missing", "object does not exist") from None
+        size, source = len(data), io.BytesIO(data)
+    else:
+        source = path = Path(path)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise ImageDecodeError(path, "missing", "file does not exist") from None
+        except OSError as err:
+            raise ImageDecodeError(path, "missing", f"path does not lead to a file ({err.strerror})") from None
     if size == 0:
         raise ImageDecodeError(path, "empty", "file has zero bytes")
     try:
-        return Image.open(path)
+        return Image.open(source)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageDecodeError(path, "corrupt", f"not a readable image ({err})") from None
 
 
-def _decode(path: Path, allowed: frozenset[str]) -> Image.Image:
+def _decode(path: str | Path, allowed: frozenset[str]) -> Image.Image:
     """Fully decode the pixel data (catches truncated files, which a header read does not)."""
     im = _open(path)
     if im.mode not in allowed:
@@ -78,8 +90,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file to an H×W×3 uint8 array (RGB). Raises ImageDecodeError naming the file."""
-    path = Path(path)
+    """Decode an image file (or fsspec URL) to an H×W×3 uint8 array (RGB). Raises ImageDecodeError naming it."""
     with _decode(path, _RGB_CONVERTIBLE | _GRAY16) as im:
         return np.array(to_rgb(im), dtype=np.uint8)
 
@@ -89,7 +100,7 @@ def load_manifest_rgb(path: str | Path, height: int, width: int) -> np.ndarray:
     was built raises ImageDecodeError with reason `size_mismatch` (its message says to rebuild the manifest)."""
     rgb = load_rgb(path)
     if rgb.shape[:2] != (height, width):
-        raise ImageDecodeError(Path(path), "size_mismatch", f"{rgb.shape[0]}x{rgb.shape[1]} (HxW), the manifest "
+        raise ImageDecodeError(path, "size_mismatch", f"{rgb.shape[0]}x{rgb.shape[1]} (HxW), the manifest "
                                f"says {height}x{width}; rebuild the manifest")
     return rgb
 
@@ -100,7 +111,6 @@ def load_mask(path: str | Path) -> np.ndarray:
     For palette images the values are the palette indices, i.e. the VOC class ids (0 = background,
     255 = ignore), never the palette colours.
     """
-    path = Path(path)
     with _decode(path, _MASK_MODES) as im:
         return np.array(im, dtype=np.uint8)
 
@@ -112,7 +122,6 @@ def check_image(path: str | Path, decode: DecodeMode = "full") -> tuple[int, int
     header and runs PIL's `verify()` (checksums for PNG; much faster on large sets, but a truncated
     JPEG passes).
     """
-    path = Path(path)
     if decode == "full":
         with _decode(path, _RGB_CONVERTIBLE | _GRAY16) as im:
             return im.height, im.width

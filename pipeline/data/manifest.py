@@ -20,11 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.files import atomic_write
+from pipeline.files import absolute_location, atomic_write, is_url, join_location
 from pipeline.config import IGNORE_INDEX
 from pipeline.data.images import DecodeMode, ImageDecodeError, check_image, load_mask
 from pipeline.data.textfile import MissingFileError, read_text
 from pipeline.errors import DataError, StorageError
+from pipeline import storage
 
 _ARROW_TYPES = {"string": pa.string(), "int16": pa.int16(), "int32": pa.int32(),
                 "list<int16>": pa.list_(pa.int16())}
@@ -187,6 +188,19 @@ def validate(candidates: Sequence[Candidate], root: Path, num_classes: int, *, d
     return rows, rejects
 
 
+def check_copy(rows: Sequence[ManifestRow], local_root: Path, url_root: str) -> None:
+    """Refuse a URL dataset root whose objects differ from the validated local copy: every image and mask of `rows`
+    must be there with the local file's size (one paged listing; contents are not compared)."""
+    remote = storage.object_sizes(url_root)
+    files = [p for r in rows for p in (r.image_path, r.mask_path) if p is not None]
+    bad = [p for p in files if remote.get(p) != (local_root / p).stat().st_size]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise DataError(f"the dataset copy at {url_root} differs from {local_root}: {len(bad)} of {len(files)} files "
+                        f"are missing there or of another size ({shown}); copy the dataset there (e.g. `aws s3 sync "
+                        f"{local_root} {url_root}`) or fix --root")
+
+
 def rejects_path(manifest_path: str | Path) -> Path:
     """`x/voc_train_aug.parquet` -> `x/voc_train_aug.rejects.jsonl`."""
     path = Path(manifest_path)
@@ -233,7 +247,7 @@ def write_manifest(path: str | Path, rows: Sequence[ManifestRow], *, dataset: st
     columns = {name: [getattr(r, name) for r in rows] for name in schema.names}
     columns["labels"] = [list(r.labels) for r in rows]
     meta = {"schema_version": schema_version(), "dataset": dataset, "class_set": class_set,
-            "class_names": list(class_names), "root": str(Path(root).resolve()), "command": command,
+            "class_names": list(class_names), "root": absolute_location(root), "command": command,
             "class_prompts": None if class_prompts is None else list(class_prompts)}
     table = pa.Table.from_pydict(columns, schema=schema).replace_schema_metadata(
         {schema_spec()["metadata_key"]: json.dumps(meta)})
@@ -243,12 +257,12 @@ def write_manifest(path: str | Path, rows: Sequence[ManifestRow], *, dataset: st
 @dataclass(frozen=True)
 class Manifest:
     """A manifest read back: the Arrow table plus its metadata."""
-    path: Path
+    path: str | Path  # a local path or an fsspec URL
     table: pa.Table
     dataset: str
     class_set: str | None
     class_names: tuple[str, ...]
-    root: Path
+    root: str | Path  # a local folder, or an fsspec URL (s3://bucket/voc) every worker reads the images from
     command: str
     class_prompts: tuple[str, ...] | None = None  # per-class CAM prompts of a custom class file
 
@@ -263,20 +277,20 @@ class Manifest:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def image_abspath(self, row: ManifestRow) -> Path:
-        return self.root / row.image_path
+    def image_abspath(self, row: ManifestRow) -> str | Path:
+        return join_location(self.root, row.image_path)
 
-    def mask_abspath(self, row: ManifestRow) -> Path | None:
-        return None if row.mask_path is None else self.root / row.mask_path
+    def mask_abspath(self, row: ManifestRow) -> str | Path | None:
+        return None if row.mask_path is None else join_location(self.root, row.mask_path)
 
 
 def read_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
-    """Read and check a manifest. `root` overrides the recorded root (data moved to another machine)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"manifest {path} does not exist; build it with `weclip manifest`")
+    """Read and check a manifest, a local file or an fsspec URL (s3://bucket/train.parquet). `root` overrides the
+    recorded root (data moved to another machine or to object storage)."""
+    path = path if is_url(path) else Path(path)
+    data = _manifest_bytes(path)
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(data)
     except (pa.ArrowInvalid, OSError) as err:
         raise DataError(f"{path} is not a readable Parquet file ({err}); rebuild it with `weclip manifest`") from None
     raw = (table.schema.metadata or {}).get(schema_spec()["metadata_key"].encode())
@@ -291,6 +305,20 @@ def read_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
         raise DataError(f"{path} columns {table.schema.names} with types {table.schema.types} do not match "
                         f"the manifest schema {expected.names}; rebuild it with `weclip manifest`")
     return Manifest(path=path, table=table, dataset=meta["dataset"], class_set=meta.get("class_set"),
-                    class_names=tuple(meta["class_names"]), root=Path(root if root is not None else meta["root"]),
+                    class_names=tuple(meta["class_names"]), root=_root(meta["root"] if root is None else root),
                     command=meta["command"],
                     class_prompts=None if meta.get("class_prompts") is None else tuple(meta["class_prompts"]))
+
+
+def _manifest_bytes(path: str | Path) -> pa.BufferReader:
+    """The manifest file's bytes; MissingFileError when there is none (storage failures: StorageError)."""
+    try:
+        data = storage.read_bytes(path) if is_url(path) else Path(path).read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        raise MissingFileError(f"manifest {path} does not exist; build it with `weclip manifest`") from None
+    return pa.BufferReader(data)
+
+
+def _root(root: str | Path) -> str | Path:
+    """A recorded or given dataset root: a URL string as is, else a Path."""
+    return str(root) if is_url(root) else Path(root)

@@ -15,6 +15,7 @@ from pipeline.cache.schema import CacheSpec
 from pipeline.config import Config, ExtractConfig
 from pipeline.data.manifest import Manifest
 from pipeline.errors import BackboneError, ConfigError, DataError
+from pipeline.files import absolute_location
 from pipeline.model.protocol import Backbone
 from pipeline.model.text import ClassSet, manifest_class_set
 
@@ -89,7 +90,7 @@ def make_plan(manifest: Manifest, cfg: Config, limit: int | None = None) -> Extr
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be a positive number of images, got {limit}")
     rows = manifest.rows[:limit]
-    images = tuple(PlannedImage(r.image_id, str(manifest.image_abspath(r).resolve()), tuple(r.labels), r.height,
+    images = tuple(PlannedImage(r.image_id, absolute_location(manifest.image_abspath(r)), tuple(r.labels), r.height,
                                 r.width) for r in rows)
     return ExtractPlan(images, cfg.extract.views, cfg.extract.samples_per_shard, manifest_class_set(manifest, cfg.text))
 

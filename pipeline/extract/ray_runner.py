@@ -8,14 +8,14 @@ only; weclip never prints or stores it.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pipeline.errors import ConfigError, ExtractError
+from pipeline.errors import ExtractError
+from pipeline.files import json_object_option
 from pipeline.extract.plan import ShardTask
 from pipeline.extract.worker import ExtractJob, ShardOutcome, run_shard
 
@@ -78,22 +78,7 @@ def parse_runtime_env(text: str | None) -> dict[str, Any] | None:
     messages never quote the text, which may hold credentials."""
     if text is None:
         return None
-    source = "--runtime-env"
-    if text.startswith("@"):
-        source = text[1:]
-        try:
-            text = Path(source).read_text()
-        except OSError as err:
-            raise ConfigError(f"--runtime-env file {source} cannot be read ({err.strerror}); give an existing JSON "
-                              "file") from None
-    try:
-        env = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{source} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); give a "
-                          'JSON object such as {"env_vars": {"NAME": "value"}}') from None
-    if not isinstance(env, dict):
-        raise ConfigError(f"{source} must be a JSON object (a Ray runtime_env), got a {type(env).__name__}")
-    return env
+    return json_object_option(text, "--runtime-env", '{"env_vars": {"NAME": "value"}}')
 
 
 def resource_overrides(cpus_per_task: float | None, gpus_per_task: float | None) -> dict[str, float]:

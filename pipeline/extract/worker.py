@@ -25,6 +25,7 @@ from pipeline.model.backbone import load_backbone
 from pipeline.model.cam import softmax_gradcam
 from pipeline.model.protocol import CLIPBackbone
 from pipeline.model.text import ClassSet, TextEmbeddings, text_embeddings
+from pipeline.storage import use_storage_options
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class ExtractJob:
     classes: ClassSet  # the class set the CAMs prompt
     model_configs: tuple[str, ...] = ()
     device: str = "cpu"
+    # the driver's fsspec storage options (`pipeline.storage`): sent to the workers with the job, never printed
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -104,6 +107,8 @@ def _host_dtype(dtype: str) -> np.dtype:
 
 def run_shard(job: ExtractJob, task: ShardTask) -> ShardOutcome:
     """Compute and commit one shard in this process (the body of a Ray task, or of the inline loop)."""
+    if job.storage_options:
+        use_storage_options(job.storage_options)  # a Ray worker on another node: the driver's, for images and cache
     backbone = load_backbone(job.cfg.model, job.device, job.model_configs)
     if backbone.identity != job.fingerprint["checkpoint"]:
         raise ExtractError(f"the backbone in this worker ({backbone.identity}) is not the one the cache at {job.out} "

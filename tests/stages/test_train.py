@@ -328,7 +328,7 @@ def test_cli_val_validates_every_checkpoint_unless_told(monkeypatch, tmp_path):
             cli.main(base + extra)
         assert exit_info.value.code == 0
     (with_val, kw), (told, _), (without, kw_none) = calls
-    assert with_val.train.val_every == preset("shapes").train.checkpoint_every and kw["val_manifest"] == Path("v.parquet")
+    assert with_val.train.val_every == preset("shapes").train.checkpoint_every and kw["val_manifest"] == "v.parquet"
     assert told.train.val_every == 7
     assert without.train.val_every == 0 and kw_none["val_manifest"] is None
 
