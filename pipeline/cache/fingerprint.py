@@ -121,9 +121,12 @@ def fingerprint_from_config(cfg: Config, *, grid: tuple[int, int], prompts: Sequ
 
 
 _ABSENT = object()
+_SCALARS = frozenset({str, int, float, bool, type(None)})  # exact types: numpy's float64 subclasses float
 
 
 def _plain(value: Any) -> Any:
+    if type(value) in _SCALARS:  # first: a manifest hash walks 100k ids and labels
+        return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _plain(dataclasses.asdict(value))
     if isinstance(value, dict):
