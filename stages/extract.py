@@ -127,7 +127,7 @@ def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Execu
         if executor == "inline":
             for task in tasks:
                 done(worker(job, task))
-        else:
+        elif pending:  # a complete cache needs no Ray
             job = run_ray(job, tasks, ray_address, done, runtime_env, worker)
     finalize_start = time.perf_counter()
     tables = writer.finalize()

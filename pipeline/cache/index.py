@@ -84,8 +84,6 @@ def parse_commits(records: Sequence[tuple[str, bytes]], names: Iterable[str]) ->
     error: pa.ArrowException | None = None
     try:
         table = _read_json(objects, schema)
-        if _extra_keys(table.schema) != _extra_keys(_read_json(objects[:1], schema).schema):
-            table = _read_json(objects, schema, threads=False)  # keys past the first record's: in first-seen order
         if (plain := _timestamps_as_strings(table.schema)) != table.schema:
             table = _read_json(objects, plain)
     except pa.ArrowException as e:
@@ -188,19 +186,14 @@ def _lacking(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return lacking
 
 
-def _read_json(objects: Sequence[bytes], schema: pa.Schema, threads: bool = True) -> pa.Table:
-    """JSON objects read by Arrow, one row each, with `schema` for the fields it names and inference for the others,
-    which come in first-seen order when read in one thread (blocks read in parallel may merge them in another
-    order); a block holds whole objects (Arrow refuses one across two blocks)."""
+def _read_json(objects: Sequence[bytes], schema: pa.Schema) -> pa.Table:
+    """JSON objects read by Arrow, one row each, with `schema` for the fields it names and inference for the others.
+    In one thread, so that inferred fields come in first-seen order (blocks read in parallel merge them in the order
+    the blocks finish); a block holds whole objects (Arrow refuses one across two blocks)."""
     block = max(1 << 22, 2 * max(len(data) for data in objects))
     options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="infer", newlines_in_values=True)
     return pj.read_json(pa.BufferReader(b"\n".join(objects)), parse_options=options,
-                        read_options=pj.ReadOptions(block_size=block, use_threads=threads))
-
-
-def _extra_keys(schema: pa.Schema) -> list[list[str]]:
-    """The keys of the sample rows and of the skipped entries, in their order."""
-    return [[f.name for f in schema.field(name).type.value_type] for name in ("rows", "skipped")]
+                        read_options=pj.ReadOptions(block_size=block, use_threads=False))
 
 
 def _timestamps_as_strings(schema: pa.Schema) -> pa.Schema:
