@@ -71,13 +71,16 @@ def commit_schema(names: Iterable[str]) -> pa.Schema:
 _REQUIRED = ("schema_version", "shard", "fingerprint", "rows", "skipped", "checksums", "nbytes")
 
 
-def parse_commits(records: Sequence[tuple[str, bytes]], names: Iterable[str]) -> pa.Table:
+def parse_commits(records: Sequence[tuple[str, bytes]], names: Iterable[str], rows: bool = True) -> pa.Table:
     """Commit records ((key, JSON bytes), in the given order) as one table, one row per record, parsed together by
     Arrow's JSON reader. Extra row keys get the types `pa.array` infers from the same Python values, in first-seen
     order, as the tables had when built from Python dicts (Arrow reads date-like strings as timestamps: those are
-    read again as strings). Raises a CacheError naming the first unreadable record (not one JSON object, of other
-    types, or lacking a field)."""
+    read again as strings). `rows=False` leaves out the sample rows and skipped entries (a size check needs neither;
+    about 3× faster). Raises a CacheError naming the first unreadable record (not one JSON object, of other types,
+    or lacking a field)."""
     schema = commit_schema(names)
+    if not rows:
+        schema = pa.schema([f for f in schema if f.name not in ("rows", "skipped")])
     if not records:
         return schema.empty_table()
     objects = [data for _, data in records]
@@ -97,7 +100,7 @@ def parse_commits(records: Sequence[tuple[str, bytes]], names: Iterable[str]) ->
                 raise _unreadable(key, str(e)) from e
         raise CacheError(f"the shard commit records under {COMMIT_PREFIX} give a row key values of different types "
                          f"({error}); they were written by different code: re-extract into a new --out")
-    for name in _REQUIRED:
+    for name in (n for n in _REQUIRED if n in schema.names):
         lacking = _lacking(table.column(name))
         if (first := pc.index(lacking, True).as_py()) >= 0:
             raise _unreadable(records[first][0], f"it lacks {name!r} or one of its fields")
@@ -191,7 +194,8 @@ def _read_json(objects: Sequence[bytes], schema: pa.Schema) -> pa.Table:
     In one thread, so that inferred fields come in first-seen order (blocks read in parallel merge them in the order
     the blocks finish); a block holds whole objects (Arrow refuses one across two blocks)."""
     block = max(1 << 22, 2 * max(len(data) for data in objects))
-    options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="infer", newlines_in_values=True)
+    options = pj.ParseOptions(explicit_schema=schema, newlines_in_values=True,
+                              unexpected_field_behavior="infer" if "rows" in schema.names else "ignore")
     return pj.read_json(pa.BufferReader(b"\n".join(objects)), parse_options=options,
                         read_options=pj.ReadOptions(block_size=block, use_threads=False))
 

@@ -103,7 +103,7 @@ class CacheWriter:
         """Delete the commit record of every committed shard whose files are missing or of another size than the
         record says (with `verify`, also of every shard whose rows fail their checksums), so that the run that
         follows rewrites it like any uncommitted shard; {shard: damaged arrays}."""
-        commits = _load_commits(self.store, self.fingerprint["digest"], self._schemas)
+        commits = _load_commits(self.store, self.fingerprint["digest"], self._schemas, rows=verify)
         bad = _file_damage(self.store, self._arrays, _commit_sizes(commits))
         if verify:
             bad = _merge_damage(bad, _checksum_damage(self._arrays, self.spec, commits), self._schemas)
@@ -362,11 +362,11 @@ def _check_same(meta: dict[str, Any], spec: CacheSpec, fingerprint: dict[str, An
                                   f"{_name(root)} to start over")
 
 
-def _load_commits(store: Store, digest: str, names: Iterable[str]) -> pa.Table:
+def _load_commits(store: Store, digest: str, names: Iterable[str], rows: bool = True) -> pa.Table:
     """The cache's commit records (`parse_commits`, by shard), fetched concurrently; refuses one of another cache."""
     shards = _list_commits(store)
     keys = [commit_key(s) for s in shards]
-    commits = parse_commits(list(zip(keys, _get_all_required(store, keys, store))), names)
+    commits = parse_commits(list(zip(keys, _get_all_required(store, keys, store))), names, rows)
     for key, shard, record_shard, record_digest in zip(keys, shards, commits.column("shard").to_pylist(),
                                                         commits.column("fingerprint").to_pylist()):
         if record_digest != digest or record_shard != shard:

@@ -7,7 +7,6 @@ spec follow from the plan and the backbone.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -99,16 +98,18 @@ def make_plan(manifest: Manifest, cfg: Config, limit: int | None = None) -> Extr
 
 
 def resolved_paths(root: Path, relative: Sequence[str]) -> list[str]:
-    """`str((root / path).resolve())` of every path, resolving each distinct folder once (a dataset has a few, its
-    images 100k): the folders' symlinks and `..` are resolved, an image file that is itself a symlink is kept as
-    named (opening it reads the same file)."""
-    folders: dict[str, str] = {}
+    """`str((root / path).resolve())` of every ("/"-separated) path, resolving each distinct folder once (a dataset has
+    a few, its images 100k): the folders' symlinks and `..` are resolved, an image file that is itself a symlink is
+    kept as named (opening it reads the same file)."""
+    prefixes: dict[str, str] = {}
     paths = []
     for path in relative:
-        folder, name = os.path.split(path)
-        if folder not in folders:
-            folders[folder] = str((root / folder).resolve())
-        paths.append(os.path.join(folders[folder], name))
+        folder, sep, name = path.rpartition("/")
+        folder = folder or sep  # "a.jpg": the root itself; "/a.jpg": "/"
+        if folder not in prefixes:
+            resolved = str((root / folder).resolve())
+            prefixes[folder] = resolved if resolved.endswith("/") else resolved + "/"
+        paths.append(prefixes[folder] + name)
     return paths
 
 

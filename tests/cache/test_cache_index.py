@@ -125,3 +125,14 @@ def test_a_damaged_record_in_a_cache_is_named_by_reader_and_writer(tmp_path):
     for action in (writer.finalize, lambda: CacheReader(str(root))):
         with pytest.raises(CacheError, match=r"unreadable shard commit record _commits/shard-000001\.json"):
             action()
+
+
+def test_without_rows_the_records_keep_their_sizes_and_checks():
+    records = heterogeneous_records()
+    full, sizes = parse_commits(records, ARRAY_NAMES), parse_commits(records, ARRAY_NAMES, rows=False)
+    assert "rows" not in sizes.column_names and "skipped" not in sizes.column_names
+    for name in ("shard", "fingerprint", "checksums", "nbytes"):
+        assert sizes.column(name).equals(full.column(name))
+    lacking = json.dumps({k: v for k, v in json.loads(good(1)).items() if k != "nbytes"}).encode()
+    with pytest.raises(CacheError, match=r"shard-000001\.json: it lacks 'nbytes'"):
+        parse_commits([(commit_key(0), good(0)), (commit_key(1), lacking)], ARRAY_NAMES, rows=False)

@@ -15,6 +15,7 @@ def test_resolved_paths_equal_path_resolve(tmp_path, monkeypatch):
     root.mkdir()
     os.symlink(data, root / "coco")  # a symlinked dataset folder, as on a cluster's shared disk
     relative = ["coco/train2014/a.jpg", "coco/train2014/b.jpg", "coco/./train2014/../train2014/c.jpg", "top.jpg",
+                "coco//train2014/f.jpg", "/g.jpg",
                 "../other/d.jpg", str(tmp_path / "elsewhere" / "e.jpg")]
     monkeypatch.chdir(tmp_path)
     for given_root in (root, Path("datasets")):  # a recorded root may be relative to where the driver runs

@@ -1,6 +1,6 @@
 """benchmarks/driver_scale.py at a small scale (600 images, 10 shards), so that the COCO-scale driver benchmark
 cannot rot: the real extract driver with the stand-in shard worker, a fresh run, a resume with 8 of 10 shards
-committed, and `weclip inspect` on the result."""
+committed, a rerun on the complete cache, and `weclip inspect` on it."""
 from __future__ import annotations
 
 from tests.bench import load_benchmark
@@ -26,6 +26,8 @@ def test_driver_scale_small_run(tmp_path):
         assert 0 < run["finalize_seconds"] < run["seconds"]
         assert 0 < run["plan_peak_rss_mb"] <= run["peak_rss_mb"]
         assert 0 < run["finalize_peak_rss_mb"] <= run["peak_rss_mb"]
+    rerun = result["rerun_complete"]
+    assert (rerun["shards_written"], rerun["shards_resumed"], rerun["first_shard_start_s"]) == (0, shards, None)
     assert result["inspect"]["complete"] and result["inspect"]["seconds"] > 0
     reader = CacheReader(str(tmp_path / "cache"))
     planned = {4 * i + v for i in range(IMAGES) if i not in skipped for v in range(4)}
