@@ -46,7 +46,7 @@ def run_ray(job: ExtractJob, tasks: Iterable[ShardTask], address: str | None,
         check_feasible(request, nodes)
         job = replace(job, device="cuda" if use_gpu else "cpu")
         remote = ray.remote(worker).options(num_cpus=request["CPU"], num_gpus=request["GPU"],
-                                             max_retries=job.cfg.extract.max_retries, runtime_env=runtime_env or {})
+                                          max_retries=job.cfg.extract.max_retries, runtime_env=runtime_env or {})
         job_ref = ray.put(job)
         running = {remote.remote(job_ref, task): task.shard for task in tasks}
         while running:
