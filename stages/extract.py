@@ -19,9 +19,9 @@ from pipeline.config import Config
 from pipeline.data.manifest import read_manifest
 from pipeline.errors import ConfigError
 from pipeline.extract import estimate
-from pipeline.extract.plan import ShardTask, cache_layout, make_plan
+from pipeline.extract.plan import cache_layout, make_plan
 from pipeline.extract.ray_runner import run_ray
-from pipeline.extract.worker import ExtractJob, ShardOutcome, run_shard
+from pipeline.extract.worker import ExtractJob, ShardOutcome, ShardWorker, run_shard
 from pipeline.files import absolute_location
 from pipeline.model.backbone import default_device, load_backbone
 from pipeline.storage import storage_errors, storage_options
@@ -46,7 +46,9 @@ class ExtractSummary:
     shards_resumed: int  # already committed when the run started
     shards_repaired: int  # committed, but with missing, wrong-size (or, with verify, corrupt) files: rewritten
     seconds: float  # whole run, Ray start and model load included
-    extract_seconds: float  # the shard phase only
+    plan_seconds: float  # before the shard phase: manifest, plan, model load, cache open, damage check
+    extract_seconds: float  # the shard phase only (Ray start included)
+    finalize_seconds: float  # the Parquet index rebuilt from the commit records
     bytes_per_view: float  # on disk, committed shards, all arrays
     raw_bytes_per_view: int  # decoded, all arrays
 
@@ -63,7 +65,8 @@ class ExtractSummary:
             f"  plan: {self.views_planned} views of {self.images} images in {self.shards} shards",
             f"  this run: {self.views_written} views written, {self.views_skipped} skipped, {self.shards_written} "
             f"shards ({self.shards_resumed} already committed, {self.shards_repaired} repaired), executor {self.executor} on {self.device}",
-            f"  {self.seconds:.1f} s in all, {self.extract_seconds:.1f} s extracting, {self.views_per_s:.2f} views/s",
+            f"  {self.seconds:.1f} s in all: {self.plan_seconds:.1f} s planning, {self.extract_seconds:.1f} s "
+            f"extracting ({self.views_per_s:.2f} views/s), {self.finalize_seconds:.1f} s writing the index",
             f"  cache: {self.views_in_cache} views, {self.bytes_per_view / 1e6:.3f} MB/view on disk "
             f"({self.raw_bytes_per_view / 1e6:.3f} MB raw)",
             f"  skipped images: {len({s['image_id'] for s in self.skipped})}",
@@ -75,8 +78,8 @@ class ExtractSummary:
 def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Executor = "ray",
         ray_address: str | None = None, limit: int | None = None, progress: bool = True,
         model_configs: Sequence[str | Path] = (), device: str | None = None, dry_run: bool = False,
-        views_per_s: float | None = None, verify: bool = False, runtime_env: dict[str, Any] | None = None
-        ) -> ExtractSummary | estimate.DryRunSummary:
+        views_per_s: float | None = None, verify: bool = False, runtime_env: dict[str, Any] | None = None,
+        worker: ShardWorker = run_shard) -> ExtractSummary | estimate.DryRunSummary:
     """Extract the feature cache of a manifest into `out` (a local folder or an fsspec URL); resume if it exists.
 
     executor: "ray" (a local Ray sized to this machine, or the cluster at `ray_address`) or "inline" (this process).
@@ -87,6 +90,7 @@ def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Execu
     verify: on an existing cache, re-read every committed shard against its checksums (else sizes only); damaged
     shards are uncommitted and rewritten.
     runtime_env: Ray runtime_env for the shard tasks (e.g. credentials as env_vars); passed to Ray only, never stored.
+    worker: what computes and commits one shard (`pipeline.extract.worker.ShardWorker`; a stand-in for benchmarks).
     Raises FingerprintMismatch when `out` holds a cache made with other settings.
     """
     if executor not in ("ray", "inline"):
@@ -108,10 +112,11 @@ def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Execu
     writer = CacheWriter.create_or_open(root, spec, fingerprint, provenance)  # once, before any worker (§3.3)
     repaired = writer.uncommit_damaged(verify)  # damaged committed shards lose their commit and are rerun
     committed = writer.committed()
-    tasks = [plan.task(s) for s in range(plan.n_shards) if s not in committed]
+    pending = [s for s in range(plan.n_shards) if s not in committed]
+    tasks = (plan.task(s) for s in pending)  # each built when submitted: the first one goes out at once
     job = ExtractJob(cfg=cfg, out=root, spec=spec, fingerprint=fingerprint, classes=plan.classes,
                      model_configs=configs, device=device, storage_options=storage_options())
-    bar = tqdm(total=sum(len(t.samples) for t in tasks), unit="view", desc="extract", disable=not progress)
+    bar = tqdm(total=sum(len(spec.shard_rows(s)) for s in pending), unit="view", desc="extract", disable=not progress)
     extract_start = time.perf_counter()
     outcomes: list[ShardOutcome] = []
 
@@ -122,11 +127,12 @@ def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Execu
     with bar, storage_errors(root):  # a store that fails mid-run (endpoint down, credentials revoked): one line
         if executor == "inline":
             for task in tasks:
-                done(run_shard(job, task))
-        else:
-            job = run_ray(job, tasks, ray_address, done, runtime_env)
-        extract_seconds = time.perf_counter() - extract_start
-        tables = writer.finalize()
+                done(worker(job, task))
+        elif pending:  # a complete cache needs no Ray
+            job = run_ray(job, tasks, ray_address, done, runtime_env, worker)
+    finalize_start = time.perf_counter()
+    tables = writer.finalize()
+    finalize_seconds = time.perf_counter() - finalize_start
     shards = tables.shards.to_pylist()
     views_in_cache = tables.index.num_rows
     return ExtractSummary(
@@ -134,7 +140,9 @@ def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Execu
         views_planned=plan.total_samples, views_written=sum(o.samples for o in outcomes),
         views_skipped=sum(o.skipped_views for o in outcomes), views_in_cache=views_in_cache,
         skipped=tables.skipped.select(["image_id", "reason", "shard"]).to_pylist(), shards=plan.n_shards,
-        shards_written=len(outcomes), shards_resumed=len(committed), shards_repaired=len(repaired), seconds=time.perf_counter() - started,
-        extract_seconds=extract_seconds, bytes_per_view=sum(s["bytes"] for s in shards) / max(views_in_cache, 1),
+        shards_written=len(outcomes), shards_resumed=len(committed), shards_repaired=len(repaired),
+        seconds=time.perf_counter() - started, plan_seconds=extract_start - started,
+        extract_seconds=finalize_start - extract_start, finalize_seconds=finalize_seconds,
+        bytes_per_view=sum(s["bytes"] for s in shards) / max(views_in_cache, 1),
         raw_bytes_per_view=sum(a.sample_nbytes for a in spec.arrays().values()))
 

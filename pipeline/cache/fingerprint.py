@@ -116,14 +116,23 @@ def fingerprint_from_config(cfg: Config, *, grid: tuple[int, int], prompts: Sequ
         views=cfg.extract.views,
         seed=cfg.extract.seed,
         augmentation=cfg.aug,
-        manifest_sha256=sha256_json([[i, list(l)] for i, l in manifest]),
+        manifest_sha256=manifest_sha256(manifest),
     )
 
 
+def manifest_sha256(manifest: Sequence[tuple[str, Sequence[int]]]) -> str:
+    """`sha256_json([[image_id, list(labels)], ...])` without copying 100k pairs into lists first: JSON writes tuples
+    as arrays, and ids and labels are plain str and int."""
+    return hashlib.sha256(json.dumps(list(manifest), separators=(",", ":"), ensure_ascii=True).encode()).hexdigest()
+
+
 _ABSENT = object()
+_SCALARS = frozenset({str, int, float, bool, type(None)})  # exact types: numpy's float64 subclasses float
 
 
 def _plain(value: Any) -> Any:
+    if type(value) in _SCALARS:  # first: a manifest hash walks 100k ids and labels
+        return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _plain(dataclasses.asdict(value))
     if isinstance(value, dict):

@@ -31,6 +31,7 @@ from typing import Any, AsyncIterator, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import zarr
 from zarr.abc.store import Store
 from zarr.codecs import Crc32cCodec
@@ -41,7 +42,7 @@ from zarr.storage import FsspecStore, LocalStore
 
 from pipeline.cache import fingerprint as fp
 from pipeline.cache.index import (CacheTables, ShardCommit, build_tables, committed_shards, parquet_to_table,
-                                  table_to_parquet, validate_rows)
+                                  parse_commits, table_to_parquet, validate_rows)
 from pipeline.cache.schema import (COMMIT_PREFIX, CONFIG_KEY, INDEX_KEY, KNOWN_SCHEMA_VERSIONS, ROOT_ATTR,
                                    SCHEMA_VERSION, SHARDS_KEY, SKIPPED_KEY, ArraySchema, CacheSpec, commit_key)
 from pipeline.errors import CacheError, StorageError
@@ -103,8 +104,8 @@ class CacheWriter:
         """Delete the commit record of every committed shard whose files are missing or of another size than the
         record says (with `verify`, also of every shard whose rows fail their checksums), so that the run that
         follows rewrites it like any uncommitted shard; {shard: damaged arrays}."""
-        commits = _load_commits(self.store, self.fingerprint["digest"])
-        bad = _file_damage(self.store, self._arrays, {s: c.nbytes for s, c in commits.items()})
+        commits = _load_commits(self.store, self.fingerprint["digest"], self._schemas, rows=verify)
+        bad = _file_damage(self.store, self._arrays, _commit_sizes(commits))
         if verify:
             bad = _merge_damage(bad, _checksum_damage(self._arrays, self.spec, commits), self._schemas)
         if bad:
@@ -145,7 +146,7 @@ class CacheWriter:
         those whose stored copy is missing, unreadable or different: rerunning extract on a complete cache then
         writes nothing, which read-only storage allows. `shards.parquet` goes last (`CacheTables.keyed`).
         """
-        tables = build_tables(self.spec, _load_commits(self.store, self.fingerprint["digest"]))
+        tables = build_tables(self.spec, _load_commits(self.store, self.fingerprint["digest"], self._schemas))
         stale = [(key, table) for key, table in tables.keyed() if not _stored_equals(self.store, key, table)]
         if stale:
             with _writing(self.store, _name(self.store)):
@@ -230,7 +231,8 @@ class CacheReader:
 
     def verify(self) -> dict[int, list[str]]:
         """Re-read every committed shard and compare with its commit checksums; {shard: bad arrays}."""
-        return _checksum_damage(self._arrays, self.spec, _load_commits(self.store, self.fingerprint["digest"]))
+        return _checksum_damage(self._arrays, self.spec,
+                                _load_commits(self.store, self.fingerprint["digest"], self.schemas))
 
     def damaged(self, verify: bool = False) -> dict[int, list[str]]:
         """Committed shards with a missing or wrong-size file (no data read), and with `verify` also those whose
@@ -280,7 +282,7 @@ class CacheReader:
                 return CacheTables(index=parquet_to_table(_get_required(self.store, INDEX_KEY, self.root)),
                                    shards=shards,
                                    skipped=parquet_to_table(_get_required(self.store, SKIPPED_KEY, self.root)))
-        return build_tables(self.spec, _load_commits(self.store, self.fingerprint["digest"]))
+        return build_tables(self.spec, _load_commits(self.store, self.fingerprint["digest"], self.schemas))
 
 
 def open_store(root: CacheRoot, read_only: bool) -> Store:
@@ -362,23 +364,22 @@ def _check_same(meta: dict[str, Any], spec: CacheSpec, fingerprint: dict[str, An
                                   f"{_name(root)} to start over")
 
 
-def _load_commits(store: Store, digest: str) -> dict[int, ShardCommit]:
-    """Every commit record, fetched concurrently (on an object store one request each: thousands for a large cache)."""
-    commits = {}
+def _load_commits(store: Store, digest: str, names: Iterable[str], rows: bool = True) -> pa.Table:
+    """The cache's commit records (`parse_commits`, by shard), fetched concurrently; refuses one of another cache."""
     shards = _list_commits(store)
-
-    async def fetch() -> list[Any]:
-        return await asyncio.gather(*(store.get(commit_key(s), prototype=default_buffer_prototype()) for s in shards))
-    for shard, buf in zip(shards, sync(fetch())):
-        key = commit_key(shard)
-        if buf is None:  # deleted since the listing (a rerun rewriting that shard)
-            raise NotACache(f"{_name(store)}: {key} disappeared while the commit records were read; rerun the command")
-        commit = ShardCommit.from_json(buf.to_bytes(), key)
-        if commit.fingerprint != digest or commit.shard != shard:
-            raise CacheError(f"commit record {key} belongs to another cache (fingerprint {commit.fingerprint}, "
-                             f"shard {commit.shard}); delete it and rerun extract to rewrite the shard")
-        commits[shard] = commit
+    keys = [commit_key(s) for s in shards]
+    commits = parse_commits(list(zip(keys, _get_all_required(store, keys, store))), names, rows)
+    for key, shard, record_shard, record_digest in zip(keys, shards, commits.column("shard").to_pylist(),
+                                                        commits.column("fingerprint").to_pylist()):
+        if record_digest != digest or record_shard != shard:
+            raise CacheError(f"commit record {key} belongs to another cache (fingerprint {record_digest}, "
+                             f"shard {record_shard}); delete it and rerun extract to rewrite the shard")
     return commits
+
+
+def _commit_sizes(commits: pa.Table) -> dict[int, dict[str, int]]:
+    """{committed shard: {array: file size its commit record states}}."""
+    return dict(zip(commits.column("shard").to_pylist(), commits.column("nbytes").to_pylist()))
 
 
 def describe_damage(bad: dict[int, list[str]]) -> str:
@@ -404,7 +405,10 @@ def _file_damage(store: Store, arrays: dict[str, zarr.Array],
     files = [(shard, name, _shard_key(array, shard)) for shard in sorted(recorded) for name, array in arrays.items()]
 
     async def size(key: str) -> int:
-        return await store.getsize(key) if await store.exists(key) else 0
+        try:
+            return await store.getsize(key)
+        except FileNotFoundError:  # what every zarr store raises for an absent key
+            return 0
 
     async def sizes() -> list[int]:
         return await asyncio.gather(*(size(key) for _, _, key in files))
@@ -415,16 +419,17 @@ def _file_damage(store: Store, arrays: dict[str, zarr.Array],
     return bad
 
 
-def _checksum_damage(arrays: dict[str, zarr.Array], spec: CacheSpec,
-                     commits: dict[int, ShardCommit]) -> dict[int, list[str]]:
+def _checksum_damage(arrays: dict[str, zarr.Array], spec: CacheSpec, commits: pa.Table) -> dict[int, list[str]]:
     """Arrays of each committed shard whose rows, re-read, differ from the commit's sha256 or fail to decode."""
     bad: dict[int, list[str]] = {}
-    for shard, commit in sorted(commits.items()):
+    rows = pc.list_flatten(commits.column("rows").combine_chunks()).field("row").to_numpy()
+    ends = np.cumsum(pc.list_value_length(commits.column("rows")).to_numpy())
+    for shard, checksums, present in zip(commits.column("shard").to_pylist(), commits.column("checksums").to_pylist(),
+                                         np.split(rows, ends[:-1])):
         planned = spec.shard_rows(shard)
-        present = np.array([r["row"] for r in commit.rows], dtype=np.int64) - planned.start
         for name, array in arrays.items():
             try:
-                intact = sha256_array(array[planned.start:planned.stop][present]) == commit.checksums[name]
+                intact = sha256_array(array[planned.start:planned.stop][present - planned.start]) == checksums[name]
             except ValueError:  # zarr's crc32c mismatch
                 intact = False
             if not intact:
@@ -506,10 +511,24 @@ def _get(store: Store, key: str) -> bytes | None:
     return None if buf is None else buf.to_bytes()
 
 
+def _get_all_required(store: Store, keys: Sequence[str], where: Any) -> list[bytes]:
+    """`_get_required` of every key, fetched concurrently (one round trip's latency, not one per key)."""
+    async def get_all() -> list[Any]:
+        return await asyncio.gather(*(store.get(k, prototype=default_buffer_prototype()) for k in keys))
+    values = sync(get_all())
+    if (missing := next((k for k, buf in zip(keys, values) if buf is None), None)) is not None:
+        raise _missing_key(where, missing)
+    return [buf.to_bytes() for buf in values]
+
+
+def _missing_key(where: Any, key: str) -> NotACache:
+    return NotACache(f"{_name(where)}: {key} is missing; rerun `weclip extract` (it finalizes the index)")
+
+
 def _get_required(store: Store, key: str, where: Any) -> bytes:
     data = _get(store, key)
     if data is None:
-        raise NotACache(f"{_name(where)}: {key} is missing; rerun `weclip extract` (it finalizes the index)")
+        raise _missing_key(where, key)
     return data
 
 

@@ -8,14 +8,15 @@ spec follow from the plan and the backbone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 from pipeline.cache.fingerprint import fingerprint_from_config
 from pipeline.cache.schema import CacheSpec
 from pipeline.config import Config, ExtractConfig
 from pipeline.data.manifest import Manifest
 from pipeline.errors import BackboneError, ConfigError, DataError
-from pipeline.files import absolute_location
+from pipeline.files import is_url, join_location
 from pipeline.model.protocol import Backbone
 from pipeline.model.text import ClassSet, manifest_class_set
 
@@ -89,10 +90,31 @@ def make_plan(manifest: Manifest, cfg: Config, limit: int | None = None) -> Extr
     manifest's class set (`pipeline.model.text.manifest_class_set`)."""
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be a positive number of images, got {limit}")
-    rows = manifest.rows[:limit]
-    images = tuple(PlannedImage(r.image_id, absolute_location(manifest.image_abspath(r)), tuple(r.labels), r.height,
-                                r.width) for r in rows)
+    table = manifest.table.slice(0, limit)  # read column by column: no row objects for 100k-image manifests
+    ids, relative, labels, heights, widths = (table.column(name).to_pylist()
+                                              for name in ("image_id", "image_path", "labels", "height", "width"))
+    images = tuple(PlannedImage(i, path, tuple(lab), h, w)
+                   for i, path, lab, h, w in zip(ids, resolved_paths(manifest.root, relative), labels, heights, widths))
     return ExtractPlan(images, cfg.extract.views, cfg.extract.samples_per_shard, manifest_class_set(manifest, cfg.text))
+
+
+def resolved_paths(root: str | Path, relative: Sequence[str]) -> list[str]:
+    """`str((root / path).resolve())` of every ("/"-separated) path, resolving each distinct folder once (a dataset has
+    a few, its images 100k): the folders' symlinks and `..` are resolved, an image file that is itself a symlink is
+    kept as named (opening it reads the same file). Under a URL root (images on an object store): `root/path`."""
+    if is_url(root):
+        return [str(join_location(root, path)) for path in relative]
+    root = Path(root)
+    prefixes: dict[str, str] = {}
+    paths = []
+    for path in relative:
+        folder, sep, name = path.rpartition("/")
+        folder = folder or sep  # "a.jpg": the root itself; "/a.jpg": "/"
+        if folder not in prefixes:
+            resolved = str((root / folder).resolve())
+            prefixes[folder] = resolved if resolved.endswith("/") else resolved + "/"
+        paths.append(prefixes[folder] + name)
+    return paths
 
 
 def check_layers(cfg: ExtractConfig, backbone: Backbone) -> None:

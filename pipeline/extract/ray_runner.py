@@ -12,12 +12,12 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from pipeline.errors import ExtractError
 from pipeline.files import json_object_option
 from pipeline.extract.plan import ShardTask
-from pipeline.extract.worker import ExtractJob, ShardOutcome, run_shard
+from pipeline.extract.worker import ExtractJob, ShardOutcome, ShardWorker, run_shard
 
 # The folder holding the `pipeline` package: a source checkout, or site-packages when weclip is installed.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -26,9 +26,10 @@ WORKER_PACKAGES = ("pipeline", "manifests")
 _RAY_EXCLUDES = ["**/__pycache__/"]
 
 
-def run_ray(job: ExtractJob, tasks: Sequence[ShardTask], address: str | None,
-             done: Callable[[ShardOutcome], None], runtime_env: dict[str, Any] | None = None) -> ExtractJob:
-    """Run the shard tasks as Ray tasks; returns the job as the workers ran it (device set).
+def run_ray(job: ExtractJob, tasks: Iterable[ShardTask], address: str | None,
+             done: Callable[[ShardOutcome], None], runtime_env: dict[str, Any] | None = None,
+             worker: ShardWorker = run_shard) -> ExtractJob:
+    """Run the shard tasks as Ray tasks of `worker`; returns the job as the workers ran it (device set).
 
     runtime_env: given to every shard task; Ray merges it into the job's (env_vars key by key, other fields
     replaced), whichever way this driver joined Ray.
@@ -44,8 +45,8 @@ def run_ray(job: ExtractJob, tasks: Sequence[ShardTask], address: str | None,
         request = {"CPU": job.cfg.extract.cpus_per_task, "GPU": job.cfg.extract.gpus_per_task if use_gpu else 0.0}
         check_feasible(request, nodes)
         job = replace(job, device="cuda" if use_gpu else "cpu")
-        remote = ray.remote(run_shard).options(num_cpus=request["CPU"], num_gpus=request["GPU"],
-                                             max_retries=job.cfg.extract.max_retries, runtime_env=runtime_env or {})
+        remote = ray.remote(worker).options(num_cpus=request["CPU"], num_gpus=request["GPU"],
+                                          max_retries=job.cfg.extract.max_retries, runtime_env=runtime_env or {})
         job_ref = ray.put(job)
         running = {remote.remote(job_ref, task): task.shard for task in tasks}
         while running:

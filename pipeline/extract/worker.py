@@ -9,7 +9,7 @@ everything to `CacheWriter.write_shard`, which commits last. A worker process lo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -56,6 +56,12 @@ class ShardOutcome:
     samples: int  # views written
     skipped_views: int  # planned views of skipped images
     nbytes: int  # shard files on disk, all arrays
+
+
+# What runs one shard task: computes the shard, commits it through `CacheWriter.write_shard`, reports the outcome.
+# Ray pickles it into every task. `run_shard` is the real one; benchmarks/driver_scale.py drives the stage with a
+# stand-in that writes small arrays.
+ShardWorker = Callable[[ExtractJob, ShardTask], ShardOutcome]
 
 
 def decode_images(task: ShardTask) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
@@ -106,7 +112,8 @@ def _host_dtype(dtype: str) -> np.dtype:
 
 
 def run_shard(job: ExtractJob, task: ShardTask) -> ShardOutcome:
-    """Compute and commit one shard in this process (the body of a Ray task, or of the inline loop)."""
+    """Compute and commit one shard in this process (the body of a Ray task, or of the inline loop): the default
+    `ShardWorker`."""
     if job.storage_options:
         use_storage_options(job.storage_options)  # a Ray worker on another node: the driver's, for images and cache
     backbone = load_backbone(job.cfg.model, job.device, job.model_configs)

@@ -5,12 +5,13 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.cache import cache_fakes as fk
 
-from pipeline.cache.fingerprint import (checkpoint_identity, diff, fingerprint_from_config,
-                                        make_fingerprint)
+from pipeline.cache.fingerprint import (canonical_json, checkpoint_identity, diff, fingerprint_from_config,
+                                        make_fingerprint, manifest_sha256)
 from pipeline.cache.store import CacheReader, CacheWriter
 from pipeline.config import preset
 from pipeline.errors import CacheError
@@ -104,3 +105,16 @@ def test_a_cache_with_another_cam_normalisation_is_refused(tmp_path):
     current = tmp_path / "current"
     CacheWriter.create_or_open(str(current), fk.tiny_spec(), fk.tiny_fingerprint())
     assert CacheReader(str(current)).fingerprint["cam_normalisation"] == "minmax-twice"
+
+
+def test_canonical_json_of_numpy_scalars_and_tuples_is_that_of_the_python_values():
+    value = {"b": (1, np.int64(2), [np.float64(0.1), np.float32(0.5)]), "a": [np.bool_(True), None, "x", 1.5, False]}
+    plain = {"b": [1, 2, [0.1, 0.5]], "a": [True, None, "x", 1.5, False]}
+    assert canonical_json(value) == json.dumps(plain, sort_keys=True, separators=(",", ":"))
+    assert type(json.loads(canonical_json(np.float64(0.25)))) is float
+
+
+def test_manifest_hash_is_the_canonical_json_of_id_label_pairs():
+    manifest = [("2008_000123", (1, 14)), ("é-unicode", ()), ("x", [3])]
+    assert manifest_sha256(manifest) == hashlib.sha256(
+        json.dumps([[i, list(l)] for i, l in manifest], separators=(",", ":")).encode()).hexdigest()
