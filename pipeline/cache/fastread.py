@@ -9,7 +9,10 @@ pipeline, again for every (array, row): that per-chunk path, not the disk, bound
   for the life of the reader in its process;
 * the chunks of a batch are requested together, the byte ranges of one file that touch merged into one request
   (`coalesce`), all requests concurrently through the zarr Store API (`store.get(key, byte_range=...)`), so any
-  store works (LocalStore, FsspecStore for S3 and other object stores, MemoryStore);
+  store works (FsspecStore for S3 and other object stores, MemoryStore). On a LocalStore each chunk is instead
+  read with `os.pread` by the thread that decodes it, and a chunk stored raw (no compressor: bytes + crc32c) is
+  read straight into the output array and checksummed there, with no copy; on a page-cached ViT-B/16 cache that
+  is 1.5-2.4x faster than the Store API path (benchmarks/cache_read.py);
 * each chunk is decoded by its array's own inner codec chain (`CodecChain`, whatever the metadata declares), in a
   thread pool (blosc, zstd and crc32c release the GIL). The crc32c codec that ends the cache's chains checks every
   chunk: a failed check, or a chunk that fails to decode, raises a CacheError naming the array and the shard;
@@ -24,19 +27,22 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import google_crc32c
 import numpy as np
 import zarr
 from zarr.abc.codec import Codec
 from zarr.abc.store import ByteRequest, RangeByteRequest, Store, SuffixByteRequest
-from zarr.codecs import ShardingCodec
+from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.core.array_spec import ArrayConfig, ArraySpec
 from zarr.core.buffer import Buffer, default_buffer_prototype
 from zarr.core.dtype import UInt64
 from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
 from pipeline.errors import CacheError
 
@@ -93,6 +99,7 @@ class ShardLayout:
     index: CodecChain
     index_nbytes: int
     index_at_start: bool
+    raw: bool | None  # the chunk is the sample's native bytes, then (True) a crc32c or (False) nothing; None: encoded
 
     @classmethod
     def of(cls, name: str, array: zarr.Array, where: str) -> "ShardLayout":
@@ -113,13 +120,24 @@ class ShardLayout:
                    sample_shape=tuple(array.shape[1:]), dtype=np.dtype(array.dtype), fill=meta.fill_value,
                    chunk=CodecChain(sharding.codecs, chunk_spec), index=index,
                    index_nbytes=index.encoded_size(16 * math.prod(chunks_per_shard)),
-                   index_at_start=sharding.index_location.value == "start")
+                   index_at_start=sharding.index_location.value == "start",
+                   raw=_raw_chain(tuple(sharding.codecs), np.dtype(array.dtype)))
 
     def key(self, shard: int) -> str:
         return f"{self.path}/{self.key_of_shard.encode_chunk_key((shard,) + (0,) * (self.ndim - 1))}"
 
     def index_request(self) -> ByteRequest:
         return RangeByteRequest(0, self.index_nbytes) if self.index_at_start else SuffixByteRequest(self.index_nbytes)
+
+
+def _raw_chain(codecs: tuple[Codec, ...], dtype: np.dtype) -> bool | None:
+    """True for a chain of native-order bytes + crc32c, False for native-order bytes alone, None otherwise."""
+    serializer, *rest = codecs
+    if not isinstance(serializer, BytesCodec) or len(rest) > 1 or (rest and not isinstance(rest[0], Crc32cCodec)):
+        return None
+    if dtype.itemsize > 1 and (serializer.endian is None or serializer.endian.value != sys.byteorder):
+        return None
+    return bool(rest)
 
 
 def coalesce(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int, list[int]]]:
@@ -148,13 +166,14 @@ class _Chunk:
 
 class BatchReader:
     """Reads stacks of samples (stored dtype) of the sharded arrays of one zarr store. `where` names the cache in
-    messages; `threads` decode chunks in parallel (default: one per CPU). Keeps the shard indexes it has read;
-    safe to pickle and to use after a fork (a new process starts with its own pool and an empty index cache)."""
+    messages; `threads` read and decode chunks in parallel (default: one per CPU). Keeps the shard indexes it has
+    read; safe to pickle and to use after a fork (a new process starts its own pool, with an empty index cache)."""
 
     def __init__(self, store: Store, arrays: dict[str, zarr.Array], where: str, threads: int | None = None):
         self.store, self.where = store, where
         self.layouts = {name: ShardLayout.of(name, array, where) for name, array in arrays.items()}
         self.threads = max(1, threads or os.cpu_count() or 1)
+        self._local = str(store.root) if isinstance(store, LocalStore) else None
         self._indexes: dict[tuple[str, int], np.ndarray | None] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._pid = os.getpid()
@@ -180,7 +199,11 @@ class BatchReader:
                     out[name][slot] = lay.fill
                 else:
                     chunks.append(_Chunk(name, slot, row, lay.key(shard), offset, offset + nbytes))
-        self._decode_all(chunks, self._fetch_chunks(chunks), out)
+        if self._local is None:
+            parts = self._fetch_chunks(chunks)
+            self._run([lambda c=c, data=data: self._decode(c, data, out) for c, data in zip(chunks, parts)])
+        else:
+            self._run([lambda c=c: self._read_local(c, out) for c in chunks])
         for slot, row in enumerate(rows):
             if first[row] != slot:
                 for values in out.values():
@@ -215,26 +238,43 @@ class BatchReader:
             for i in inside:
                 c = chunks[i]
                 if data is None or len(data) < c.stop - start:
-                    raise self._damaged(c.name, c.row // self.layouts[c.name].rows_per_shard, c.row,
-                                        "the file is shorter than its shard index says")
+                    raise self._short(c)
                 parts[i] = data[c.start - start:c.stop - start]
         return parts
 
-    def _decode_all(self, chunks: list[_Chunk], parts: list[Buffer], out: dict[str, np.ndarray]) -> None:
-        def decode(i: int) -> None:
-            c = chunks[i]
-            lay = self.layouts[c.name]
-            try:
-                values = lay.chunk.decode(parts[i])
-            except (ValueError, RuntimeError) as e:  # crc32c mismatch, or bytes the codecs cannot decode
-                raise self._damaged(c.name, c.row // lay.rows_per_shard, c.row, str(e)) from e
-            out[c.name][c.slot] = values.reshape(lay.sample_shape)
+    def _read_local(self, c: _Chunk, out: dict[str, np.ndarray]) -> None:
+        """One chunk of a local file: a raw one straight into its output slot (then its crc32c checked there),
+        any other read and decoded."""
+        lay = self.layouts[c.name]
+        path = os.path.join(self._local, c.key)
+        if lay.raw is None or c.stop - c.start != out[c.name][c.slot].nbytes + 4 * lay.raw:
+            data = bytearray(c.stop - c.start)
+            if _preadv(path, c.start, [data]) != len(data):
+                raise self._short(c)
+            return self._decode(c, default_buffer_prototype().buffer.from_bytes(data), out)
+        target = out[c.name][c.slot].reshape(-1).view(np.uint8)
+        crc = bytearray(4 * lay.raw)
+        if _preadv(path, c.start, [target, crc]) != c.stop - c.start:
+            raise self._short(c)
+        target.flags.writeable = False  # google_crc32c reads read-only buffers only; a view of the output
+        if lay.raw and google_crc32c.value(target).to_bytes(4, "little") != bytes(crc):
+            raise self._damaged(c.name, c.row // lay.rows_per_shard, c.row, "crc32c checksum mismatch")
 
-        if self.threads == 1 or len(chunks) < 2:
-            for i in range(len(chunks)):
-                decode(i)
+    def _decode(self, c: _Chunk, data: Buffer, out: dict[str, np.ndarray]) -> None:
+        lay = self.layouts[c.name]
+        try:
+            values = lay.chunk.decode(data)
+        except (ValueError, RuntimeError) as e:  # crc32c mismatch, or bytes the codecs cannot decode
+            raise self._damaged(c.name, c.row // lay.rows_per_shard, c.row, str(e)) from e
+        out[c.name][c.slot] = values.reshape(lay.sample_shape)
+
+    def _run(self, tasks: list[Any]) -> None:
+        """Run every task, in the pool when there are several and threads to share them."""
+        if self.threads == 1 or len(tasks) < 2:
+            for task in tasks:
+                task()
             return
-        for future in [self._executor().submit(decode, i) for i in range(len(chunks))]:
+        for future in [self._executor().submit(task) for task in tasks]:
             future.result()
 
     def _executor(self) -> ThreadPoolExecutor:
@@ -242,10 +282,26 @@ class BatchReader:
             self._pool, self._pid = ThreadPoolExecutor(self.threads, thread_name_prefix="weclip-read"), os.getpid()
         return self._pool
 
+    def _short(self, c: _Chunk) -> CacheError:
+        return self._damaged(c.name, c.row // self.layouts[c.name].rows_per_shard, c.row,
+                             "the file is shorter than its shard index says")
+
     def _damaged(self, name: str, shard: int, row: int, reason: str) -> CacheError:
         return CacheError(f"the feature cache at {self.where}: array {name!r} of shard {shard} (row {row}) is "
                           f"damaged ({reason}); rerun `weclip extract --verify` with the same settings and --out "
                           "to rewrite it")
+
+
+def _preadv(path: str, offset: int, buffers: list[Any]) -> int:
+    """Fill `buffers` from `path` at `offset`; the bytes read (fewer at the end of the file; 0 when it is gone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # deleted since its index was read
+        return 0
+    try:
+        return os.preadv(fd, buffers, offset)
+    finally:
+        os.close(fd)
 
 
 def _get_many(store: Store, requests: list[tuple[str, ByteRequest]]) -> list[Buffer | None]:

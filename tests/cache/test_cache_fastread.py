@@ -43,11 +43,13 @@ def write_cache(root, spec, skip=frozenset(), edit=None) -> None:
 
 @pytest.mark.parametrize("compressor", COMPRESSORS)
 @pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
-def test_reads_equal_zarr_for_every_dtype_and_compressor(dtype, compressor):
+@pytest.mark.parametrize("kind", ["local", "memory"])  # os.pread, or the Store API
+def test_reads_equal_zarr_for_every_dtype_and_compressor(tmp_path, kind, dtype, compressor):
     spec = fk.tiny_spec(dtype=dtype, compressor=compressor)
-    store = MemoryStore()
+    store = LocalStore(tmp_path / "cache") if kind == "local" else MemoryStore()
     write_cache(store, spec, skip=frozenset({"img3"}))  # rows 6, 7 are never written
     reader = CacheReader(store, threads=2)
+    assert (reader._batch._local is not None) == (kind == "local")
     rows = [9, 0, 5, 5, 8, 1]
     stored = reader._read_stored(rows)
     batch = BatchReader(reader.store, reader._arrays, "here")
@@ -117,37 +119,6 @@ def test_a_layout_other_than_one_sample_per_chunk_is_refused():
         BatchReader(array.store, {"x": array}, "somewhere")
 
 
-def damage(path: Path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def shard_file(root: Path, name: str, shard: int) -> Path:
-    return root / name / "c" / str(shard) / "/".join("0" * len(fk.tiny_spec().arrays()[name].shape))
-
-
-@pytest.mark.parametrize("where", ["chunk", "index", "truncated"])
-def test_damage_raises_a_cache_error_naming_array_and_shard(tmp_path, where):
-    spec = fk.tiny_spec(compressor="none")
-    root = tmp_path / "cache"
-    write_cache(str(root), spec)
-    path = shard_file(root, "features", 1)
-    if where == "chunk":
-        damage(path, 10)  # inside the first chunk of shard 1: row 4
-    elif where == "index":
-        damage(path, path.stat().st_size - 8)
-    else:
-        path.write_bytes(path.read_bytes()[:20])
-    reader = CacheReader(str(root), check_files=False)
-    assert reader.read([0, 8])["features"].shape[0] == 2  # other shards read
-    with pytest.raises(CacheError, match=rf"at {root}: array 'features' of shard 1 \(row [4-7]\) is damaged "
-                                         r"\(.+\); rerun `weclip extract --verify`"):
-        reader.read([0, 4, 5])
-    if where == "chunk":
-        reader.read([5])  # the other chunks of the shard are intact
-
-
 class CountingStore(WrapperStore):
     """Records every `get` (key, byte range)."""
 
@@ -158,6 +129,39 @@ class CountingStore(WrapperStore):
     async def get(self, key, prototype, byte_range=None):
         self.gets.append((key, byte_range))
         return await self._store.get(key, prototype, byte_range)
+
+
+def damage(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def shard_file(root: Path, name: str, shard: int) -> Path:
+    return root / name / "c" / str(shard) / "/".join("0" * len(fk.tiny_spec().arrays()[name].shape))
+
+
+@pytest.mark.parametrize("compressor", ["none", "blosc-zstd:1"])  # read into the output / decoded
+@pytest.mark.parametrize("kind", ["local", "store"])
+@pytest.mark.parametrize("where", ["chunk", "index", "truncated"])
+def test_damage_raises_a_cache_error_naming_array_and_shard(tmp_path, where, kind, compressor):
+    spec = fk.tiny_spec(compressor=compressor)
+    root = tmp_path / "cache"
+    write_cache(str(root), spec)
+    path = shard_file(root, "features", 1)
+    if where == "chunk":
+        damage(path, 10)  # inside the first chunk of shard 1: row 4
+    elif where == "index":
+        damage(path, path.stat().st_size - 8)
+    else:
+        path.write_bytes(path.read_bytes()[:20])
+    reader = CacheReader(str(root) if kind == "local" else CountingStore(LocalStore(root)), check_files=False)
+    assert reader.read([0, 8])["features"].shape[0] == 2  # other shards read
+    with pytest.raises(CacheError, match=rf"at .*{root}.*: array 'features' of shard 1 \(row [4-7]\) is damaged "
+                                         r"\(.+\); rerun `weclip extract --verify`"):
+        reader.read([0, 4, 5])
+    if where == "chunk":
+        reader.read([5])  # the other chunks of the shard are intact
 
 
 def test_a_batch_costs_one_request_per_run_of_rows_and_each_index_is_read_once():
