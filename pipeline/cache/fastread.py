@@ -61,10 +61,6 @@ class CodecChain:
             steps.append((codec, spec, getattr(codec, "_decode_sync", None)))
             spec = codec.resolve_metadata(spec)
         self._steps = steps[::-1]
-        self._codecs, self._spec = tuple(codecs), steps[0][1]
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return CodecChain, (self._codecs, self._spec)
 
     def decode(self, data: Buffer) -> np.ndarray:
         """The decoded chunk; ValueError or RuntimeError when it fails a checksum or does not decode."""
@@ -89,7 +85,7 @@ class ShardLayout:
     """Where one array's samples sit: shard `row // rows_per_shard`, inner chunk `row % rows_per_shard`."""
     name: str
     path: str
-    key_of_shard: Any  # the array's metadata (`encode_chunk_key`)
+    metadata: Any  # the array's zarr metadata (`encode_chunk_key`)
     ndim: int
     rows_per_shard: int
     sample_shape: tuple[int, ...]
@@ -116,7 +112,7 @@ class ShardLayout:
         index_spec = ArraySpec(shape=(*chunks_per_shard, 2), dtype=UInt64(endianness="little"), fill_value=EMPTY,
                                config=_CONFIG, prototype=default_buffer_prototype())
         index = CodecChain(sharding.index_codecs, index_spec)
-        return cls(name=name, path=array.path, key_of_shard=meta, ndim=array.ndim, rows_per_shard=shard_shape[0],
+        return cls(name=name, path=array.path, metadata=meta, ndim=array.ndim, rows_per_shard=shard_shape[0],
                    sample_shape=tuple(array.shape[1:]), dtype=np.dtype(array.dtype), fill=meta.fill_value,
                    chunk=CodecChain(sharding.codecs, chunk_spec), index=index,
                    index_nbytes=index.encoded_size(16 * math.prod(chunks_per_shard)),
@@ -124,7 +120,7 @@ class ShardLayout:
                    raw=_raw_chain(tuple(sharding.codecs), np.dtype(array.dtype)))
 
     def key(self, shard: int) -> str:
-        return f"{self.path}/{self.key_of_shard.encode_chunk_key((shard,) + (0,) * (self.ndim - 1))}"
+        return f"{self.path}/{self.metadata.encode_chunk_key((shard,) + (0,) * (self.ndim - 1))}"
 
     def index_request(self) -> ByteRequest:
         return RangeByteRequest(0, self.index_nbytes) if self.index_at_start else SuffixByteRequest(self.index_nbytes)

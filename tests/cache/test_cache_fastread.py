@@ -84,8 +84,10 @@ def test_a_sample_equal_to_the_fill_value_reads_back(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # numcodecs.zarr3 codecs are not in the zarr v3 spec
-@pytest.mark.parametrize("chain", ["gzip", "transpose-big-endian", "index-at-start", "numcodecs-async"])
-def test_other_codec_chains_decode_like_zarr(chain):
+@pytest.mark.parametrize("chain", ["gzip", "transpose-big-endian", "index-at-start", "numcodecs-async", "bytes-only",
+                                   "big-endian-crc32c"])
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_other_codec_chains_decode_like_zarr(tmp_path, kind, chain):
     """Decoding follows the array's metadata, whatever chain it declares."""
     from zarr.codecs.numcodecs import Delta, Shuffle
     kwargs = {
@@ -94,10 +96,12 @@ def test_other_codec_chains_decode_like_zarr(chain):
                                  "compressors": (BloscCodec(cname="lz4", clevel=3),)},
         "index-at-start": {"compressors": (Crc32cCodec(),)},
         "numcodecs-async": {"filters": (Delta(dtype="int32"),), "compressors": (Shuffle(elementsize=4),)},
+        "bytes-only": {"compressors": ()},
+        "big-endian-crc32c": {"serializer": BytesCodec(endian="big"), "compressors": (Crc32cCodec(),)},
     }[chain]
     dtype = "int32" if chain == "numcodecs-async" else "float32"  # a float delta is not exact
     shards = {"shape": (4, 3, 5), "index_location": "start"} if chain == "index-at-start" else (4, 3, 5)
-    store = MemoryStore()
+    store = LocalStore(tmp_path / "x") if kind == "local" else MemoryStore()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         array = zarr.create_array(store, name="x", shape=(10, 3, 5), chunks=(1, 3, 5), shards=shards, dtype=dtype,
@@ -107,7 +111,10 @@ def test_other_codec_chains_decode_like_zarr(chain):
     values[[2, 6]] = -1  # left out by zarr
     array[:] = values
     rows = [9, 2, 4, 0, 6, 3]
-    got = BatchReader(store, {"x": array}, "here", threads=2).read(rows)["x"]
+    reader = BatchReader(store, {"x": array}, "here", threads=2)
+    raw = {"index-at-start": True, "bytes-only": False}.get(chain)  # read straight into the output when local
+    assert reader.layouts["x"].raw is raw
+    got = reader.read(rows)["x"]
     np.testing.assert_array_equal(got, zarr_rows(store, "x", rows))
     np.testing.assert_array_equal(got, values[rows])
 
