@@ -17,7 +17,8 @@ Figures, each a ratio measured in one run, alternating A and B round by round (t
 * `samples_per_s`: samples/s of those batches (one process), and `url_samples_per_s` of the same cache copied to
   `--url` (an fsspec URL, e.g. s3://bucket/prefix with AWS_ENDPOINT_URL set for an S3-compatible server).
 * `workers_scaling`: samples/s through the training DataLoader (`CachedSteps`, as `weclip train` builds it) with
-  1 and 2 `train.loader_workers`, the consumer doing nothing.
+  1 and 2 `train.loader_workers`, the consumer doing nothing; `train_setup` shares the CPUs' decode threads among
+  the workers (so one worker already decodes on every core), `one_thread_per_worker` shows process scaling alone.
 * `data_wait_fraction`: `data_s / s_per_step` from `metrics.jsonl` of a real `weclip train` run on the CPU from
   this cache (VOC preset, `train.loader_workers` = 2), the first `--skip-steps` steps (worker start-up) left out.
 
@@ -218,26 +219,38 @@ def url_samples_per_s(root: str, spec: CacheSpec, url: str, args: argparse.Names
             "local_samples_per_s": statistics.median(speeds["local"])}
 
 
-def loader_samples_per_s(root: str, cfg: Config, spec: CacheSpec, workers: int, steps: int) -> float:
+class OneThreadSteps(CachedSteps):
+    """`CachedSteps` whose reader decodes in its worker's own thread only, so that scaling comes from processes."""
+
+    def _open(self) -> CacheReader:
+        if self._reader is None:
+            self._reader = CacheReader(self.root, check_files=False, threads=1)
+        return self._reader
+
+
+def loader_samples_per_s(dataset: CachedSteps, workers: int, steps: int, batch: int) -> float:
     """Samples/s through the training DataLoader with `workers` processes; the first batch (start-up) not timed."""
-    rows = np.arange(spec.total_samples)
-    loader = DataLoader(CachedSteps(root, rows, spec.grid, 0, steps + 1, cfg), batch_size=None,
-                        num_workers=workers)
-    it = iter(loader)
+    it = iter(DataLoader(dataset, batch_size=None, num_workers=workers))
     next(it)
     start = time.perf_counter()
     for _ in it:
         pass
-    return steps * cfg.train.batch_size / (time.perf_counter() - start)
+    return steps * batch / (time.perf_counter() - start)
 
 
 def workers_scaling(root: str, cfg: Config, spec: CacheSpec, args: argparse.Namespace) -> dict[str, Any]:
-    speeds: dict[int, list[float]] = {1: [], 2: []}
+    """1 vs 2 workers, as `weclip train` sets them up (the CPUs' decode threads shared among the workers), and with
+    one decode thread per worker (process scaling alone); rounds alternate, medians."""
+    rows = np.arange(spec.total_samples)
+    kinds = {"train_setup": CachedSteps, "one_thread_per_worker": OneThreadSteps}
+    speeds: dict[tuple[str, int], list[float]] = {(k, w): [] for k in kinds for w in (1, 2)}
     for _ in range(args.rounds):
-        for workers in speeds:
-            speeds[workers].append(loader_samples_per_s(root, cfg, spec, workers, args.loader_steps))
-    return {"samples_per_s": {str(w): statistics.median(v) for w, v in speeds.items()},
-            "ratio_2_over_1": statistics.median(b / a for a, b in zip(speeds[1], speeds[2]))}
+        for kind, workers in speeds:
+            dataset = kinds[kind](root, rows, spec.grid, 0, args.loader_steps + 1, cfg)
+            speeds[(kind, workers)].append(loader_samples_per_s(dataset, workers, args.loader_steps, args.batch))
+    return {kind: {"samples_per_s": {str(w): statistics.median(speeds[(kind, w)]) for w in (1, 2)},
+                   "ratio_2_over_1": statistics.median(b / a for a, b in zip(speeds[(kind, 1)], speeds[(kind, 2)]))}
+            for kind in kinds}
 
 
 def data_wait(root: str, cfg: Config, out: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -293,6 +306,7 @@ def main() -> None:
                    "data_wait_fraction": result["data_wait"]["data_wait_fraction"],
                    "per_codec": reads, "torch_threads": torch.get_num_threads(),
                    "goal_read_ratio_met": first["read_ratio"] >= 0.6})
+    result["machine"]["load_average_at_end"] = os.getloadavg()
     print(json.dumps(result, indent=1))
 
 
