@@ -293,7 +293,10 @@ def main() -> None:
             reads[compressor] = read_speeds(root, spec, args)
             if compressor == args.codecs[0]:
                 if args.url:
-                    result["url"] = url_samples_per_s(root, spec, args.url, args)
+                    try:
+                        result["url"] = url_samples_per_s(root, spec, args.url, args)
+                    except Exception as e:  # the remote store failed: keep the local figures
+                        result["url"] = {"url": args.url, "error": f"{type(e).__name__}: {e}"}
                 result["workers_scaling"] = workers_scaling(root, cfg, spec, args)
                 result["data_wait"] = data_wait(root, cfg, tmp / "run", args)
             shutil.rmtree(root)
