@@ -59,7 +59,8 @@ COMPRESSORS = ("none", "zstd", "blosc-lz4", "blosc-zstd:1", "blosc-zstd", "blosc
 
 def bench_config(args: argparse.Namespace, compressor: str, dtype: str = "float16") -> Config:
     return preset("voc").replace(model={"name": "ViT-B-16-quickgelu", "pretrained": None},
-                                 aug={"crop": 320}, extract={"views": 1, "compressor": compressor, "dtype": dtype},
+                                 aug={"crop": 320}, extract={"views": 1, "compressor": compressor, "dtype": dtype,
+                                                             "samples_per_shard": args.shard_samples},
                                  train={"batch_size": args.batch, "loader_workers": 2, "checkpoint_every": 10**9})
 
 
@@ -266,6 +267,7 @@ def data_wait(root: str, cfg: Config, out: Path, args: argparse.Namespace) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=256, help="samples of the read caches (64 per shard)")
+    parser.add_argument("--shard-samples", type=int, default=64, help="extract.samples_per_shard (VOC preset: 64)")
     parser.add_argument("--distinct", type=int, default=8, help="different synthetic samples, written cyclically")
     parser.add_argument("--codecs", nargs="+", default=["blosc-zstd:1", "none"], help="compressors to time reads of")
     parser.add_argument("--size-samples", type=int, default=4, help="samples per storage option for bytes_per_view")
@@ -279,6 +281,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     result: dict[str, Any] = {"benchmark": "cache_read", "samples": args.samples, "batch": args.batch,
+                              "samples_per_shard": args.shard_samples,
                               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                           "load_average_at_start": os.getloadavg(), "zarr": zarr.__version__}}
     with tempfile.TemporaryDirectory(prefix="weclip-read-bench-") as tmp_name:
