@@ -12,7 +12,7 @@ pipeline, again for every (array, row): that per-chunk path, not the disk, bound
   store works (FsspecStore for S3 and other object stores, MemoryStore). On a LocalStore each chunk is instead
   read with `os.pread` by the thread that decodes it, and a chunk stored raw (no compressor: bytes + crc32c) is
   read straight into the output array and checksummed there, with no copy (raw chunks of a page-cached ViT-B/16
-  cache: 1.26x the Store API path's MB/s, benchmarks/results/cache_read.json);
+  cache: 2.0x the Store API path's MB/s, benchmarks/results/cache_read.json);
 * each chunk is decoded by its array's own inner codec chain (`CodecChain`, whatever the metadata declares), in a
   thread pool (blosc, zstd and crc32c release the GIL). The crc32c codec that ends the cache's chains checks every
   chunk: a failed check, or a chunk that fails to decode, raises a CacheError naming the array and the shard;
