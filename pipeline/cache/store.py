@@ -41,6 +41,7 @@ from zarr.errors import GroupNotFoundError
 from zarr.storage import FsspecStore, LocalStore
 
 from pipeline.cache import fingerprint as fp
+from pipeline.cache.fastread import BatchReader
 from pipeline.cache.index import (CacheTables, ShardCommit, build_tables, committed_shards, parquet_to_table,
                                   parse_commits, table_to_parquet, validate_rows)
 from pipeline.cache.schema import (COMMIT_PREFIX, CONFIG_KEY, INDEX_KEY, KNOWN_SCHEMA_VERSIONS, ROOT_ATTR,
@@ -185,9 +186,10 @@ class CacheReader:
     Opening checks that every committed shard's files exist with the sizes their commit records state (one size
     request per file) and raises a CacheError naming the damaged shards; `check_files=False` opens a damaged
     cache anyway, for `weclip inspect`, which lists `damaged()` instead. Every chunk read is checksummed (crc32c):
-    a damaged chunk raises a CacheError naming the array and the shard."""
+    a damaged chunk raises a CacheError naming the array and the shard. `threads` decode a batch's chunks in
+    parallel (default: one per CPU)."""
 
-    def __init__(self, root: CacheRoot, check_files: bool = True):
+    def __init__(self, root: CacheRoot, check_files: bool = True, threads: int | None = None):
         self.root = root
         self.store = open_store(root, read_only=True)
         meta = _root_meta(self.store)
@@ -201,6 +203,7 @@ class CacheReader:
         self.schemas: dict[str, ArraySchema] = self.spec.arrays()
         group = zarr.open_group(self.store, mode="r")
         self._arrays = {name: group[name] for name in self.schemas}
+        self._batch = BatchReader(self.store, self._arrays, _name(root), threads)
         self._tables: CacheTables | None = None
         self._visible: np.ndarray | None = None  # committed rows, built on the first read
         if check_files and (bad := self.damaged()):
@@ -241,26 +244,11 @@ class CacheReader:
         return _merge_damage(bad, self.verify(), self.schemas) if verify else bad
 
     def _read_stored(self, rows: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
-        """One concurrent request per (array, row): each reads only that sample's chunk from its shard file.
-        (zarr 3.1's orthogonal indexing decodes whole shards, ~20× slower for a training batch.)"""
+        """The stored arrays of committed rows: one byte-range read and one decode per (array, row), shard
+        indexes kept (`pipeline.cache.fastread`)."""
         positions = np.asarray(rows, dtype=np.int64).reshape(-1)
         self._check_committed(positions)
-
-        async def fetch_row(name: str, array: zarr.Array, p: int) -> Any:
-            try:
-                return await array.async_array.getitem(slice(p, p + 1))
-            except ValueError as e:  # zarr's crc32c mismatch (of the chunk or of the shard index)
-                raise CacheError(f"the feature cache at {_name(self.root)}: array {name!r} of shard "
-                                 f"{p // self.spec.samples_per_shard} (row {p}) is damaged ({e}); rerun `weclip "
-                                 "extract --verify` with the same settings and --out to rewrite it") from e
-
-        async def fetch() -> list[Any]:
-            return await asyncio.gather(*(fetch_row(name, array, p)
-                                          for name, array in self._arrays.items() for p in positions.tolist()))
-        parts = iter(sync(fetch()))
-        return {name: np.concatenate([next(parts) for _ in positions], axis=0) if len(positions)
-                else np.zeros((0, *self.schemas[name].shape), self.schemas[name].storage_dtype)
-                for name in self._arrays}
+        return self._batch.read(positions)
 
     def _check_committed(self, positions: np.ndarray) -> None:
         if self._visible is None:

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from pipeline.cache.store import CacheReader, first_few
 from pipeline.config import Config
@@ -38,7 +38,9 @@ from pipeline.training.schedule import batch_positions, flip_decision, hflip_sam
 # `part` of it that one of several training processes reads (`schedule.rank_rows`).
 
 class CachedSteps(Dataset):
-    """Batches of committed cache samples. The reader is opened lazily in each (worker) process."""
+    """Batches of committed cache samples. The reader is opened lazily in each (worker) process, so every DataLoader
+    worker keeps its own shard indexes and decode threads (the CPUs shared among the workers); it skips the
+    file-size check, which `CachedSource` made once when the run started."""
 
     def __init__(self, root: str, rows: np.ndarray, grid: tuple[int, int], start: int, stop: int, cfg: Config,
                  part: slice = slice(None)):
@@ -52,7 +54,9 @@ class CachedSteps(Dataset):
 
     def _open(self) -> CacheReader:
         if self._reader is None or self._pid != os.getpid():
-            self._reader, self._pid = CacheReader(self.root), os.getpid()
+            worker = get_worker_info()
+            threads = max(1, (os.cpu_count() or 1) // worker.num_workers) if worker is not None else None
+            self._reader, self._pid = CacheReader(self.root, check_files=False, threads=threads), os.getpid()
         return self._reader
 
     def __getitem__(self, i: int) -> dict[str, Any]:
