@@ -47,7 +47,7 @@ class ExtractSummary:
     seconds: float  # whole run, Ray start and model load included
     extract_seconds: float  # the shard phase only
     bytes_per_view: float  # on disk, committed shards, all arrays
-    raw_bytes_per_view: int  # decoded, all arrays
+    raw_bytes_per_view: int  # stored before compression (8-bit codes with their scales), all arrays
 
     @property
     def views_per_s(self) -> float:

@@ -7,14 +7,16 @@ zeros in every coding (the fill value of a skipped row). NaN or inf cannot be co
 
     int8   x ≈ q · s, q = rint(x / s) in [-127, 127], s = max|x| / 127          |error| <= s / 2
     fp8    x ≈ e4m3(x / s) · s, s = max|x| / 448 (the e4m3 maximum)           relative error <= 2^-4 (normals)
-    uint8  a ≈ q · s, q = rint(a / s) in [0, 255], s = max a / 255 (a >= 0)    |error| <= s / 2
-    log8   a ≈ m · 2^((q - 255) / LOG8_STEPS), m = max a; q = 0 codes 0      relative error <= 2^(1/32) - 1
+    uint8  a ≈ q · s, q = rint(255 · a / max a) in [0, 255]          (a >= 0)
+    log8   a ≈ 2^((q - 255) / LOG8_STEPS) · s, q = rint(LOG8_STEPS · log2(a / max a)) + 255 in 1..255, q = 0 codes 0
 
 fp8 is OCP / torch `float8_e4m3fn` (1 sign, 4 exponent bits of bias 7, 3 mantissa bits; no inf, 0x7F / 0xFF are
-NaN, which a scaled value never reaches), rounded to nearest-even by torch. log8 flushes to 0 what lies below
-m · 2^(-254.5 / LOG8_STEPS) (1.6e-5 of the row's maximum) and keeps every other value within 2.2 %: attention rows
-are probability distributions of mostly tiny values, which a linear code (uint8) resolves only relative to the
-row's maximum. Measured choices: benchmarks/cache_storage.py.
+NaN, which a scaled value never reaches), rounded to nearest-even by torch. The two attention codings code rows of
+probabilities. Their scale s is chosen so that the decoded row has the row's exact sum, s = Σa / Σ(decoded units):
+CAA's and RFM's layer sums stay those of the float values, and RFM's signed layer choice depends on nothing else.
+log8 keeps every value above max · 2^(-254.5 / 16) (1.6e-5 of the row's maximum) within 2^(1/32) - 1 = 2.2 % of
+the others' ratios, and flushes smaller ones to 0: attention rows of trained models are mostly tiny values, which
+a linear code resolves only relative to the row's maximum. Measured choices: benchmarks/cache_storage.py.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ _SCALE = np.dtype("<f4")
 INT8_MAX = 127
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 UINT8_MAX = 255
-LOG8_STEPS = 16  # log8 codes per octave (factor 2): 255 codes span 2^-15.9 .. 1 of the row's maximum
+LOG8_STEPS = 16  # log8 codes per octave (factor 2): codes 1..255 span 2^-15.9 .. 1 of the row's maximum
 
 
 def fp8_e4m3_values() -> np.ndarray:
@@ -57,7 +59,7 @@ def encode(coding: Coding, values: np.ndarray) -> np.ndarray:
 def decode(coding: Coding, stored: np.ndarray) -> np.ndarray:
     """The float32 values (..., D) of an `encode`d array (..., D + SCALE_BYTES)."""
     codes, scale = unpack(stored)
-    return _CODINGS[coding][1](codes, scale)
+    return _CODINGS[coding][1](codes) * scale
 
 
 def code_dtype(coding: Coding) -> np.dtype:
@@ -104,8 +106,8 @@ def _encode_int8(x: np.ndarray) -> np.ndarray:
     return pack(codes, scale)
 
 
-def _decode_linear(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return codes.astype(np.float32) * scale
+def _linear_units(codes: np.ndarray) -> np.ndarray:
+    return codes.astype(np.float32)
 
 
 def _encode_fp8(x: np.ndarray) -> np.ndarray:
@@ -115,25 +117,30 @@ def _encode_fp8(x: np.ndarray) -> np.ndarray:
     return pack(codes, scale)
 
 
-def _decode_fp8(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return _FP8_VALUES[codes] * scale
+def _fp8_units(codes: np.ndarray) -> np.ndarray:
+    return _FP8_VALUES[codes]
+
+
+def _sum_scale(a: np.ndarray, units: np.ndarray) -> np.ndarray:
+    """The scale that gives the decoded row (`units` · scale) the row's own sum; 0 for an all-zero row."""
+    total = a.sum(axis=-1, keepdims=True, dtype=np.float64)
+    coded = units.sum(axis=-1, keepdims=True, dtype=np.float64)
+    return np.divide(total, coded, out=np.zeros_like(total), where=coded > 0).astype(np.float32)
 
 
 def _encode_uint8(a: np.ndarray) -> np.ndarray:
     _nonnegative(a, "uint8")
-    scale = a.max(axis=-1, keepdims=True) / np.float32(UINT8_MAX)
-    codes = np.clip(np.rint(_divide(a, scale)), 0, UINT8_MAX).astype(np.uint8)
-    return pack(codes, scale)
+    step = a.max(axis=-1, keepdims=True) / np.float32(UINT8_MAX)
+    codes = np.clip(np.rint(_divide(a, step)), 0, UINT8_MAX).astype(np.uint8)
+    return pack(codes, _sum_scale(a, _linear_units(codes)))
 
 
 def _encode_log8(a: np.ndarray) -> np.ndarray:
     _nonnegative(a, "log8")
-    peak = a.max(axis=-1, keepdims=True)
-    ratio = _divide(a, peak)
     with np.errstate(divide="ignore"):  # log2(0) = -inf codes 0
-        steps = np.rint(LOG8_STEPS * np.log2(ratio)) + UINT8_MAX
+        steps = np.rint(LOG8_STEPS * np.log2(_divide(a, a.max(axis=-1, keepdims=True)))) + UINT8_MAX
     codes = np.clip(steps, 0, UINT8_MAX).astype(np.uint8)
-    return pack(codes, peak)
+    return pack(codes, _sum_scale(a, _log8_units(codes)))
 
 
 def log8_levels() -> np.ndarray:
@@ -146,13 +153,13 @@ def log8_levels() -> np.ndarray:
 _LOG8_LEVELS = log8_levels()
 
 
-def _decode_log8(codes: np.ndarray, peak: np.ndarray) -> np.ndarray:
-    return _LOG8_LEVELS[codes] * peak
+def _log8_units(codes: np.ndarray) -> np.ndarray:
+    return _LOG8_LEVELS[codes]
 
 
-_CODINGS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray, np.ndarray], np.ndarray]]] = {
-    "int8": (_encode_int8, _decode_linear),
-    "fp8": (_encode_fp8, _decode_fp8),
-    "uint8": (_encode_uint8, _decode_linear),
-    "log8": (_encode_log8, _decode_log8),
+_CODINGS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]] = {
+    "int8": (_encode_int8, _linear_units),  # (encode, the units a code stands for, before its vector's scale)
+    "fp8": (_encode_fp8, _fp8_units),
+    "uint8": (_encode_uint8, _linear_units),
+    "log8": (_encode_log8, _log8_units),
 }

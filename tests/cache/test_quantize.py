@@ -40,50 +40,68 @@ def test_fp8_value_table_is_torchs_float8_e4m3fn():
 
 
 def test_uint8_codes_by_hand():
-    a = np.array([255 / 256, 0.5, 1 / 512, 0.0], np.float32)  # s = 1/256: codes 255, 128, rint(0.5) = 0, 0
+    # step = max / 255 = 1/256: codes 255, 128, rint(0.5) = 0, 0; the scale keeps the row's sum: 767/512 / 383
+    a = np.array([255 / 256, 0.5, 1 / 512, 0.0], np.float32)
     codes, scale = codes_and_scale(qz.encode("uint8", a))
     assert codes == [255, 128, 0, 0]
-    assert np.frombuffer(bytes(scale), "<f4")[0] == 1 / 256
-    np.testing.assert_array_equal(qz.decode("uint8", qz.encode("uint8", a)), [255 / 256, 0.5, 0, 0])
+    assert np.frombuffer(bytes(scale), "<f4")[0] == np.float32(767 / 512 / 383)
+    back = qz.decode("uint8", qz.encode("uint8", a))
+    np.testing.assert_allclose(back, np.array([255, 128, 0, 0]) * 767 / 512 / 383, rtol=1e-7)
+    assert back.sum() == pytest.approx(a.sum(), rel=1e-7)
 
 
 def test_log8_codes_by_hand():
-    # m = 1; code = rint(16 · log2(a)) + 255: 0.5 -> 239, 2^-0.1 -> rint(-1.6) = -2 -> 253, 2^-16 -> -1 -> 0
+    # code = rint(16 · log2(a / max)) + 255: 0.5 -> 239, 2^-0.1 -> rint(-1.6) = -2 -> 253, 2^-16 -> -1 -> 0;
+    # the scale gives the decoded row the row's sum: Σa / (1 + 0.5 + 2^(-2/16))
     a = np.array([1.0, 0.5, 2 ** -0.1, 2.0 ** -16, 0.0], np.float32)
     codes, scale = codes_and_scale(qz.encode("log8", a))
-    assert codes == [255, 239, 253, 0, 0] and scale == ONE_LE
-    np.testing.assert_allclose(qz.decode("log8", qz.encode("log8", a)), [1, 0.5, 2 ** (-2 / 16), 0, 0], rtol=1e-7)
+    assert codes == [255, 239, 253, 0, 0]
+    units = np.array([1.0, 0.5, 2 ** (-2 / 16), 0.0, 0.0])
+    want_scale = a.astype(np.float64).sum() / units.sum()
+    assert np.frombuffer(bytes(scale), "<f4")[0] == np.float32(want_scale)
+    np.testing.assert_allclose(qz.decode("log8", qz.encode("log8", a)), units * want_scale, rtol=1e-6)
 
 
 def test_round_trip_error_bounds():
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((3, 50, 64)) * rng.uniform(0.01, 100, (3, 50, 1))).astype(np.float32)
-    for coding, top in (("int8", qz.INT8_MAX), ("uint8", qz.UINT8_MAX)):
-        v = np.abs(x) if coding == "uint8" else x
-        step = np.abs(v).max(-1, keepdims=True) / top
-        err = np.abs(qz.decode(coding, qz.encode(coding, v)) - v)
-        assert (err <= step / 2 * (1 + 1e-5)).all(), coding
+    step = np.abs(x).max(-1, keepdims=True) / qz.INT8_MAX
+    assert (np.abs(qz.decode("int8", qz.encode("int8", x)) - x) <= step / 2 * (1 + 1e-5)).all()
     scaled = np.abs(x) / (np.abs(x).max(-1, keepdims=True) / qz.FP8_MAX)
     normal = scaled >= 2.0 ** -6
     rel = np.abs(qz.decode("fp8", qz.encode("fp8", x)) - x) / np.abs(x)
     assert rel[normal].max() <= 2.0 ** -4 * (1 + 1e-5)
     a = rng.dirichlet(np.ones(64) * 0.3, size=(3, 50)).astype(np.float32)
+    a[0, 0, :5] = 1e-9  # below the lowest floor, max · 2^-16
+    for coding in ("uint8", "log8"):
+        back = qz.decode(coding, qz.encode(coding, a))
+        np.testing.assert_allclose(back.sum(-1), a.sum(-1), rtol=1e-5, err_msg=coding)  # rows keep their sums
+    step = a.max(-1, keepdims=True) / qz.UINT8_MAX
+    codes = np.rint(a / step)
+    np.testing.assert_allclose(qz.decode("uint8", qz.encode("uint8", a)),
+                               codes * (a.sum(-1, keepdims=True) / codes.sum(-1, keepdims=True)), rtol=1e-6)
     back = qz.decode("log8", qz.encode("log8", a))
     floor = a.max(-1, keepdims=True) * 2 ** (-254.5 / qz.LOG8_STEPS)
-    kept = a >= floor
-    assert (np.abs(back[kept] / a[kept] - 1) <= 2 ** (1 / 32) - 1 + 1e-6).all()
-    assert (back[~kept] == 0).all()
+    half_step = 2 ** (1 / (2 * qz.LOG8_STEPS))  # before the sum correction, which itself lies within it
+    assert (np.abs(back[a >= floor] / a[a >= floor] - 1) <= half_step ** 2 - 1 + 1e-6).all()
+    assert (back[a < floor] == 0).all() and (back[0, 0, :5] == 0).all()
 
 
 def test_maxima_are_exact_and_zeros_stay_zero():
+    """The per-vector maximum codes exactly in the feature codings; zeros stay zero and an all-zero vector
+    stores all-zero bytes in every coding."""
     rng = np.random.default_rng(1)
     x = rng.standard_normal((4, 16)).astype(np.float32)
     x[2] = 0.0
-    for coding, v in (("int8", x), ("fp8", x), ("uint8", np.abs(x)), ("log8", np.abs(x))):
+    for coding, v in (("int8", x), ("fp8", x)):
         back = qz.decode(coding, qz.encode(coding, v))
         peak = np.abs(v).argmax(-1)
         np.testing.assert_allclose(back[np.arange(4), peak], v[np.arange(4), peak], rtol=1e-6, err_msg=coding)
         assert (back[v == 0] == 0).all() and (qz.encode(coding, v)[2] == 0).all(), coding
+    a = np.abs(x) * (rng.random((4, 16)) > 0.3)
+    for coding in ("uint8", "log8"):
+        back = qz.decode(coding, qz.encode(coding, a))
+        assert (back[a == 0] == 0).all() and (back[a > 0] > 0).all() and (qz.encode(coding, a)[2] == 0).all()
 
 
 def test_all_zero_bytes_decode_to_zeros():
