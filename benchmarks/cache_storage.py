@@ -326,9 +326,15 @@ def shapes_part(args: argparse.Namespace) -> dict:
     readers = {pair: CacheReader(str(path)) for pair, path in caches.items()}
     ref_pair = f"{PAIRS[0][0]}+{PAIRS[0][1]}"
     rows = readers[ref_pair].index.column("row").to_numpy()[:args.agreement_samples]
-    decoder = build_decoder_from_checkpoint(load_checkpoint(
-        args.workdir / "runs" / f"{ref_pair}-seed{args.train_seeds[0]}" / "checkpoint.pt"))
-    grid = readers[ref_pair].spec.grid
+    spec = readers[ref_pair].spec
+    if args.train_seeds:  # the float16 run's final decoder, past RFM's start
+        decoder = build_decoder_from_checkpoint(load_checkpoint(
+            args.workdir / "runs" / f"{ref_pair}-seed{args.train_seeds[0]}" / "checkpoint.pt"))
+    else:  # no training: a random-init decoder, as in the ViT-B/16 part
+        torch.manual_seed(0)
+        classes = len(readers[ref_pair].provenance["class_set"]["classes"])
+        decoder = WeCLIPDecoder(spec.feature_layers, spec.dim, classes, cfg.decoder).eval()
+    grid = spec.grid
 
     def batches(reader: CacheReader) -> list[dict[str, torch.Tensor]]:
         out = []
@@ -355,7 +361,8 @@ def shapes_part(args: argparse.Namespace) -> dict:
     return {"train_images": args.train_images, "val_images": args.val_images, "val_seed": args.val_seed,
             "iterations": cfg.train.iterations, "seeds": args.train_seeds, "agreement_samples": len(rows),
             "miou": {p: {"mean": round(float(np.mean(v)), 2), "per_seed": v, "spread": round(max(v) - min(v), 2)}
-                     for p, v in miou.items()},
+                     for p, v in miou.items() if v},
+            "agreement_decoder": "float16 run, final step" if args.train_seeds else "random init (seed 0)",
             "coding_error": errors, "agreement": agree, "bytes_per_sample": sizes, "train_runs": runs}
 
 
@@ -373,7 +380,8 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=DemoConfig().train_images)
     parser.add_argument("--val-images", type=int, default=100)
     parser.add_argument("--val-seed", type=int, default=2024)
-    parser.add_argument("--train-seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--train-seeds", type=int, nargs="*", default=[1, 2, 3],
+                        help="none: no decoder training (coding error, agreement and bytes only)")
     parser.add_argument("--train-pairs", nargs="+", default=[f"{f}+{a}" for f, a in PAIRS],
                         choices=[f"{f}+{a}" for f, a in PAIRS], help="storages the decoder is trained from")
     parser.add_argument("--agreement-samples", type=int, default=64)

@@ -272,7 +272,7 @@ def compressor_codecs(name: str, field: str = "extract.compressor") -> tuple[Byt
 
     Default levels: zstd 3, blosc-zstd 3, blosc-lz4 5. Blosc's byte shuffle groups the exponent bytes of float16
     values (attention: ×1.6 with blosc-zstd:1 against ×1.45 with zstd:1) and does nothing for 8-bit codes, which
-    plain zstd:1 compresses as well (fp8 features ×1.22, log8 attention ×2.6). The per-array choices and their
+    plain zstd:1 compresses as well (fp8 features ×1.21, log8 attention ×2.19). The per-array choices and their
     figures: benchmarks/cache_storage.py (results/cache_storage.json) and the presets in pipeline/config.py.
     """
     family, _, level_text = name.partition(":")
