@@ -21,7 +21,7 @@ Part `shapes` (`--shapes`, slow): the shipped tiny CLIP on the shapes world. The
 per storage (`weclip extract`, shapes preset), the decoder trained from each cache (`train.seed` 1, 2, 3, the preset's
 300 steps) and scored on held-out images like benchmarks/shapes_quality.py; the coding error of each array, and the
 RFM-mask and online pseudo-label agreement of the float16 run's final decoder (the same decoder and step for every
-cache) over the train samples. Everything is kept in `--workdir`, and a rerun resumes.
+cache; with an empty `--train-seeds`, no training and a random-init decoder) over the train samples. Everything is kept in `--workdir`, and a rerun resumes.
 """
 from __future__ import annotations
 
