@@ -218,7 +218,16 @@ class ExtractConfig(Section):
     samples_per_shard: PosInt = 64
     batch_size: PosInt = 8
     dtype: Literal["float16", "float32", "bfloat16"] = "float16"
-    compressor: str = "blosc-zstd:1"  # smallest at >100 MB/s write (benchmarks/results/cache_codecs.json)
+    # How the decoder's features are stored (pipeline/cache/quantize.py, README "Cache storage"): "plain" = extract.dtype;
+    # "fp8" = e4m3 with a float32 scale per token (2.6 % relative RMS error whatever a token's outliers; ×1.21 with
+    # zstd:1); "int8" = per-token scale (0.8 % on random ViT-B/16 weights, but 4.7 % once 4 channels are ×50)
+    features_storage: Literal["plain", "int8", "fp8"] = "fp8"
+    features_compressor: str = "zstd:1"  # 8-bit codes: byte shuffle does nothing; zstd entropy-codes fp8's exponents
+    # How attention rows are stored, each keeping its exact sum: "log8" = 16 codes per octave below the row's maximum
+    # (×2.19 with zstd:1); "uint8" = linear in [0, row max] (×1.21); "plain" = extract.dtype
+    attn_storage: Literal["plain", "uint8", "log8"] = "log8"
+    attn_compressor: str = "zstd:1"
+    compressor: str = "blosc-zstd:1"  # every other array: cams, cam_classes, image, valid
     feature_layers: Blocks = tuple(range(1, 12))  # 1-based blocks feeding the decoder (code: 1..11)
     # 1-based blocks whose attention is stored: CAA needs the last 8 (5..12), RFM the last 6 (VOC) / 10 (COCO)
     attn_layers: Blocks = tuple(range(5, 13))

@@ -50,7 +50,7 @@ class ExtractSummary:
     extract_seconds: float  # the shard phase only (Ray start included)
     finalize_seconds: float  # the Parquet index rebuilt from the commit records
     bytes_per_view: float  # on disk, committed shards, all arrays
-    raw_bytes_per_view: int  # decoded, all arrays
+    raw_bytes_per_view: int  # stored before compression (8-bit codes with their scales), all arrays
 
     @property
     def views_per_s(self) -> float:

@@ -29,7 +29,9 @@ class InspectSummary:
     shards_damaged: dict[int, list[str]]  # committed shards with missing, wrong-size (verify: corrupt) files
     verified: bool  # whether the checksums were re-read
     bytes_on_disk: dict[str, int]  # per array of the cache spec, in its order; committed shards
-    raw_bytes_per_sample: dict[str, int]  # per array, decoded
+    raw_bytes_per_sample: dict[str, int]  # per array, stored before compression (8-bit codes with their scales)
+    storage: dict[str, str]  # per array: "plain" or its 8-bit coding (pipeline/cache/quantize.py)
+    compressors: dict[str, str]  # per array
     skipped: list[dict[str, Any]]  # image_id, reason, shard
 
     @property
@@ -46,7 +48,7 @@ class InspectSummary:
         lines = [
             f"feature cache {self.path}",
             f"  fingerprint {self.fingerprint.get('digest', '?')[:16]}  model {self.fingerprint.get('model')} "
-            f"({self.fingerprint.get('checkpoint')})  dtype {self.spec['dtype']}  compressor {self.spec['compressor']}",
+            f"({self.fingerprint.get('checkpoint')})  dtype {self.spec['dtype']}",
             f"  {self.images} images, {self.views} views, {self.samples} samples committed "
             f"(plan: {self.planned_samples})",
             f"  shards: {self.shards_committed} committed, {len(self.shards_missing)} missing"
@@ -56,8 +58,8 @@ class InspectSummary:
             f"(×{raw / max(self.bytes_per_sample, 1e-9):.2f})",
         ]
         for name, disk in self.bytes_on_disk.items():
-            lines.append(f"    {name:<12} {_mb(disk):>12} on disk  {_mb(disk / n):>10}/sample  "
-                         f"{_mb(self.raw_bytes_per_sample[name]):>10}/sample raw")
+            lines.append(f"    {name:<12} {self.storage[name]:<6} {self.compressors[name]:<13} {_mb(disk):>12} on disk  "
+                         f"{_mb(disk / n):>10}/sample  {_mb(self.raw_bytes_per_sample[name]):>10}/sample raw")
         lines.append(f"  skipped images: {len(self.skipped)}")
         lines += [f"    {s['image_id']}: {s['reason']}" for s in self.skipped]
         return "\n".join(lines)
@@ -83,6 +85,8 @@ def run(cache_path: CacheRoot, verify: bool = False) -> InspectSummary:
         verified=verify,
         bytes_on_disk={name: sum(s[f"bytes_{name}"] for s in shards) for name in reader.schemas},
         raw_bytes_per_sample={name: a.sample_nbytes for name, a in reader.schemas.items()},
+        storage={name: a.storage for name, a in reader.schemas.items()},
+        compressors={name: a.compressor for name, a in reader.schemas.items()},
         skipped=tables.skipped.select(["image_id", "reason", "shard"]).to_pylist(),
     )
 

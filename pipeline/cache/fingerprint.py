@@ -1,7 +1,9 @@
 """Cache fingerprints: everything that determines what the extract stage writes, plus a stable digest.
 
 A fingerprint is a plain JSON-able dict. Two caches hold the same content exactly when their digests match;
-the compressor and the shard size change only the layout and live in `CacheSpec` instead (docs/design.md §3.2).
+the storage of the float arrays (plain or an 8-bit coding) changes the values read, so it is part of it; the
+compressors and the shard size change only the layout (lossless) and live in `CacheSpec` instead, which a resumed
+extraction must match too (docs/design.md §3.2).
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ FINGERPRINT_KEYS = (
     "classes_sha256",  # hash of the canonical class names (class id order)
     "normalisation",
     "dtype",
+    "features_storage",  # plain / int8 / fp8: what the decoder reads differs by the coding's error
+    "attn_storage",  # plain / uint8 / log8
     "views",
     "seed",
     "augmentation",  # the AugConfig as a dict
@@ -113,6 +117,8 @@ def fingerprint_from_config(cfg: Config, *, grid: tuple[int, int], prompts: Sequ
         classes_sha256=sha256_json(list(class_names)),
         normalisation=cfg.model.normalisation,
         dtype=cfg.extract.dtype,
+        features_storage=cfg.extract.features_storage,
+        attn_storage=cfg.extract.attn_storage,
         views=cfg.extract.views,
         seed=cfg.extract.seed,
         augmentation=cfg.aug,

@@ -19,7 +19,11 @@ Per-sample arrays, declared by `CacheSpec.arrays()` (ViT-B/16, crop 320: grid 20
     image        3 × crop × crop    uint8   the augmented crop
     valid        crop × crop        bool    false on padding
 
-"float" is the cache dtype: float16 (default), float32 or bfloat16. Zarr 3 has no bfloat16 data type, so
+"float" is the cache dtype: float16 (default), float32 or bfloat16, which is what `features` and `attn` are stored as
+with storage "plain". Their other storages are 8-bit codings along the last axis (`pipeline.cache.quantize`):
+`features` int8 or fp8 (e4m3) per token, `attn` uint8 or log8 per row, each vector followed by its float32 scale, so
+the stored array is (..., D + 4) of 8-bit codes (`ArraySchema.stored_shape`) and still one chunk per sample; reading
+decodes them to float32 (`ArraySchema.from_storage`). Each array has its own compressor (`CacheSpec`). Zarr 3 has no bfloat16 data type, so
 bfloat16 is stored as its raw bits in uint16 (array attribute `weclip_dtype: bfloat16`) and decoded to
 float32 on read, which is exact. Rows of a skipped image are never written and read as the fill value.
 
@@ -38,17 +42,21 @@ import pyarrow as pa
 from zarr.abc.codec import BytesBytesCodec
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from pipeline.cache import quantize
 from pipeline.errors import CacheError, ConfigError
 
 # The store's format (root attribute, commit records). 2: a crc32c checksum ends every chunk's codec chain.
-SCHEMA_VERSION = 2
-KNOWN_SCHEMA_VERSIONS = frozenset({2})
+# 3: a storage and a compressor per float array (8-bit codings with their scales inside the chunk).
+SCHEMA_VERSION = 3
+KNOWN_SCHEMA_VERSIONS = frozenset({3})
 # The fingerprint's `schema_version`: what the arrays hold. A change of the bytes on disk only (format 2) leaves it,
 # so the digest, and with it a checkpoint trained on the old cache, stays valid for the re-extracted cache.
-CONTENT_VERSION = 1
+# 2: features and attention may hold 8-bit codings (fingerprint keys features_storage, attn_storage).
+CONTENT_VERSION = 2
 
 ROOT_ATTR = "weclip_cache"  # root group attribute holding {schema_version, fingerprint, spec}
 DTYPE_ATTR = "weclip_dtype"  # array attribute: the logical dtype when it differs from the stored one
+STORAGE_ATTR = "weclip_storage"  # array attribute: "plain" or the 8-bit coding (ArraySchema.storage)
 COMMIT_PREFIX = "_commits/"
 INDEX_KEY = "index.parquet"
 SHARDS_KEY = "shards.parquet"
@@ -57,6 +65,10 @@ CONFIG_KEY = "config.json"  # the extract run's resolved config, readable
 
 FloatDtype = Literal["float16", "float32", "bfloat16"]
 FLOAT_DTYPES: tuple[FloatDtype, ...] = ("float16", "float32", "bfloat16")
+# How an array is stored: "plain" = its own dtype (the cache dtype for floats), else a `quantize` coding.
+Storage = Literal["plain", "int8", "fp8", "uint8", "log8"]
+FEATURE_STORAGES: tuple[Storage, ...] = ("plain", "int8", "fp8")  # per token (D-vector)
+ATTN_STORAGES: tuple[Storage, ...] = ("plain", "uint8", "log8")  # per attention row (probabilities)
 
 # Keys every sample row given to `CacheWriter.write_shard` must carry; other keys (augmentation parameters)
 # become extra index columns. `row` is the global sample position fixed by the plan.
@@ -97,7 +109,8 @@ class CacheSpec:
     """Shapes and layout of one cache; stored in the root attributes and compared on reopen.
 
     `grid` is the patch grid (h, w) of the crop; `dim` the token width D; `k_max` the most classes an image
-    of the dataset carries. The plan puts sample `row` in shard `row // samples_per_shard`.
+    of the dataset carries. The plan puts sample `row` in shard `row // samples_per_shard`. `features` and `attn`
+    have their own storage and compressor; `compressor` is every other array's.
     """
     total_samples: int
     samples_per_shard: int
@@ -109,6 +122,10 @@ class CacheSpec:
     crop: int
     dtype: FloatDtype
     compressor: str
+    features_storage: Storage = "plain"
+    features_compressor: str | None = None  # None: `compressor`
+    attn_storage: Storage = "plain"
+    attn_compressor: str | None = None  # None: `compressor`
 
     def __post_init__(self) -> None:
         if self.dtype not in FLOAT_DTYPES:
@@ -117,7 +134,12 @@ class CacheSpec:
         if self.total_samples < 1 or self.samples_per_shard < 1:
             raise ConfigError(f"total_samples {self.total_samples} and samples_per_shard {self.samples_per_shard} "
                               "(extract.samples_per_shard) must be positive; extract at least one image")
-        compressor_codecs(self.compressor)  # fail early on a bad name
+        for name, allowed in (("features_storage", FEATURE_STORAGES), ("attn_storage", ATTN_STORAGES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} {getattr(self, name)!r} (extract.{name}) is not one of {list(allowed)}")
+        for name in ("compressor", "features_compressor", "attn_compressor"):
+            if getattr(self, name) is not None:
+                compressor_codecs(getattr(self, name), f"extract.{name}")  # fail early on a bad name
 
     @property
     def n_shards(self) -> int:
@@ -137,8 +159,10 @@ class CacheSpec:
         n = self.grid[0] * self.grid[1]
         codec = self.compressor
         declared = (
-            ArraySchema("features", (self.feature_layers, n, self.dim), self.dtype, 0, codec),
-            ArraySchema("attn", (self.attn_layers, n, n), self.dtype, 0, codec),
+            ArraySchema("features", (self.feature_layers, n, self.dim), self.dtype, 0,
+                        self.features_compressor or codec, self.features_storage),
+            ArraySchema("attn", (self.attn_layers, n, n), self.dtype, 0, self.attn_compressor or codec,
+                        self.attn_storage),
             ArraySchema("cams", (self.k_max, *self.grid), self.dtype, 0, codec),
             ArraySchema("cam_classes", (self.k_max,), "int16", -1, codec),
             ArraySchema("image", (3, self.crop, self.crop), "uint8", 0, codec),
@@ -159,24 +183,46 @@ class CacheSpec:
 @dataclass(frozen=True)
 class ArraySchema:
     """One per-sample array: `shape` excludes the leading sample axis; `dtype` is the logical dtype (one of
-    FLOAT_DTYPES for the arrays stored in the cache's float dtype); `compressor` a `compressor_codecs` name."""
+    FLOAT_DTYPES for the arrays stored in the cache's float dtype); `compressor` a `compressor_codecs` name;
+    `storage` "plain" (stored as `dtype`) or a `quantize` coding of a float array along its last axis, whose
+    stored samples are `stored_shape` (one scale more per vector) and decode to float32."""
     name: str
     shape: tuple[int, ...]
     dtype: str
     fill: int | bool
     compressor: str
+    storage: Storage = "plain"
+
+    def __post_init__(self) -> None:
+        if self.storage != "plain" and not self.floating:
+            raise ConfigError(f"array {self.name!r} of dtype {self.dtype} cannot have storage {self.storage!r}: "
+                              "8-bit codings are for float arrays; use 'plain'")
 
     @property
     def floating(self) -> bool:
         return self.dtype in FLOAT_DTYPES
 
     @property
+    def quantised(self) -> bool:
+        return self.storage != "plain"
+
+    @property
     def storage_dtype(self) -> np.dtype:
+        if self.quantised:
+            return quantize.code_dtype(self.storage)
         return np.dtype("uint16") if self.dtype == "bfloat16" else np.dtype(self.dtype)
 
     @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """One stored sample: `shape`, with the scale's bytes after each vector of a quantised array."""
+        if not self.quantised:
+            return self.shape
+        return (*self.shape[:-1], self.shape[-1] + quantize.SCALE_BYTES)
+
+    @property
     def sample_nbytes(self) -> int:
-        return int(np.prod(self.shape)) * self.storage_dtype.itemsize
+        """Bytes of one stored sample before compression."""
+        return int(np.prod(self.stored_shape)) * self.storage_dtype.itemsize
 
     def to_storage(self, values: np.ndarray) -> np.ndarray:
         """Cast a stack of samples to the stored dtype. Floats are rounded to nearest-even; other arrays
@@ -187,6 +233,11 @@ class ArraySchema:
         if self.floating:
             if values.dtype.kind != "f":
                 raise TypeError(f"array {self.name!r} must be floating point, got {values.dtype}")
+            if self.quantised:
+                try:
+                    return quantize.encode(self.storage, values)
+                except CacheError as e:
+                    raise CacheError(f"array {self.name!r}: {e}") from None
             if self.dtype == "bfloat16":
                 return bfloat16_bits(values)
             return np.ascontiguousarray(values, dtype=self.storage_dtype)
@@ -195,6 +246,9 @@ class ArraySchema:
         return np.ascontiguousarray(values)
 
     def from_storage(self, stored: np.ndarray) -> np.ndarray:
+        """Stored samples -> their values: quantised codes and bfloat16 bits to float32, the rest as stored."""
+        if self.quantised:
+            return quantize.decode(self.storage, stored)
         return bfloat16_to_float32(stored) if self.dtype == "bfloat16" else stored
 
     def zarr_kwargs(self, spec: CacheSpec) -> dict[str, Any]:
@@ -202,37 +256,36 @@ class ArraySchema:
         store appends its checksum codec to `compressors` (`store._create`)."""
         return {
             "name": self.name,
-            "shape": (spec.total_samples, *self.shape),
-            "chunks": (1, *self.shape),
-            "shards": (spec.samples_per_shard, *self.shape),
+            "shape": (spec.total_samples, *self.stored_shape),
+            "chunks": (1, *self.stored_shape),
+            "shards": (spec.samples_per_shard, *self.stored_shape),
             "dtype": self.storage_dtype,
             "fill_value": self.fill,
             "compressors": compressor_codecs(self.compressor),
-            "attributes": {DTYPE_ATTR: self.dtype},
+            "attributes": {DTYPE_ATTR: self.dtype, STORAGE_ATTR: self.storage},
         }
 
 
-def compressor_codecs(name: str) -> tuple[BytesBytesCodec, ...]:
-    """Zarr v3 codecs for a compressor name such as "zstd:3", "blosc-zstd:1", "blosc-lz4" or "none".
+def compressor_codecs(name: str, field: str = "extract.compressor") -> tuple[BytesBytesCodec, ...]:
+    """Zarr v3 codecs for a compressor name such as "zstd:3", "blosc-zstd:1", "blosc-lz4" or "none"; `field` is
+    the setting that gave the name, for the error message.
 
-    Default levels: zstd 3, blosc-zstd 3, blosc-lz4 5. Measured by `benchmarks/cache_codecs.py`
-    (results/cache_codecs.json; ViT-B/16 random weights, crop 320, float16; raw 11.01 MB/sample):
-    blosc-zstd:1 8.97 MB/sample (features ×1.09, attn ×1.56), zstd:3 9.17 MB, blosc-lz4 9.94 MB,
-    blosc-zstd:3 8.89 MB at about half the write speed of blosc-zstd:1. Float16 features are nearly
-    incompressible (random mantissa bits); the byte shuffle is what helps the attention maps.
-    Recommended default: "blosc-zstd:1" (`ExtractConfig.compressor` in pipeline/config.py).
+    Default levels: zstd 3, blosc-zstd 3, blosc-lz4 5. Blosc's byte shuffle groups the exponent bytes of float16
+    values (attention: ×1.6 with blosc-zstd:1 against ×1.45 with zstd:1) and does nothing for 8-bit codes, which
+    plain zstd:1 compresses as well (fp8 features ×1.21, log8 attention ×2.19). The per-array choices and their
+    figures: benchmarks/cache_storage.py (results/cache_storage.json) and the presets in pipeline/config.py.
     """
     family, _, level_text = name.partition(":")
     if family not in _COMPRESSOR_FAMILIES:
-        raise ConfigError(f"unknown compressor {name!r} (extract.compressor); use one of "
+        raise ConfigError(f"unknown compressor {name!r} ({field}); use one of "
                           f"{sorted(_COMPRESSOR_FAMILIES)}, optionally with ':<level>' (e.g. 'zstd:3')")
     default_level = _COMPRESSOR_FAMILIES[family]
     if default_level is None:
         if level_text:
-            raise ConfigError(f"compressor 'none' (extract.compressor) takes no level, got {name!r}; write 'none'")
+            raise ConfigError(f"compressor 'none' ({field}) takes no level, got {name!r}; write 'none'")
         return ()
     if level_text and not level_text.isdigit():
-        raise ConfigError(f"compressor {name!r} (extract.compressor): the level after ':' must be a whole number, "
+        raise ConfigError(f"compressor {name!r} ({field}): the level after ':' must be a whole number, "
                           "e.g. 'zstd:3'")
     level = int(level_text) if level_text else default_level
     if family == "zstd":

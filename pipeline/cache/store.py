@@ -167,7 +167,7 @@ class CacheWriter:
         for name, values in stored.items():
             array, schema = self._arrays[name], self._schemas[name]
             if len(positions) < len(planned):
-                block = np.full((len(planned), *schema.shape), schema.fill, dtype=schema.storage_dtype)
+                block = np.full((len(planned), *schema.stored_shape), schema.fill, dtype=schema.storage_dtype)
                 block[positions - planned.start] = values
                 values = block
             key = _shard_key(array, shard_index)
@@ -226,7 +226,8 @@ class CacheReader:
         return self.tables.committed()
 
     def read(self, rows: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
-        """Arrays of the given global sample positions, stacked in the given order (bfloat16 -> float32)."""
+        """Arrays of the given global sample positions, stacked in the given order, decoded (`from_storage`:
+        8-bit codes and bfloat16 -> float32)."""
         return {name: self.schemas[name].from_storage(stored) for name, stored in self._read_stored(rows).items()}
 
     def read_sample(self, row: int) -> dict[str, np.ndarray]:
@@ -334,9 +335,9 @@ def _check_version(meta: dict[str, Any], root: CacheRoot) -> None:
         raise NotACache(f"{_name(root)} is a zarr group but not a weclip feature cache (no {ROOT_ATTR!r} root "
                         "attribute); check the path")
     if isinstance(version, int) and version < min(KNOWN_SCHEMA_VERSIONS):
-        raise NotACache(f"{_name(root)} has cache schema version {version}, an older format (without per-chunk "
-                        f"checksums) than this code's {SCHEMA_VERSION}; re-extract it with `weclip extract` into a "
-                        "new --out (or delete the old cache first)")
+        raise NotACache(f"{_name(root)} has cache schema version {version}, an older format than this code's "
+                        f"{SCHEMA_VERSION} (version 3 added per-array storage and compressors); re-extract it with "
+                        "`weclip extract` into a new --out (or delete the old cache first)")
     if version not in KNOWN_SCHEMA_VERSIONS:
         raise NotACache(f"{_name(root)} has cache schema version {version}; this code reads versions "
                         f"{sorted(KNOWN_SCHEMA_VERSIONS)}. Re-extract with this version or use a matching weclip")

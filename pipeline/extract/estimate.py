@@ -4,10 +4,11 @@ Nothing here loads weights, decodes an image or touches the output location. The
 token width, number of blocks) comes from the model's open_clip config, so a ViT-B/16 plan can be sized on a laptop
 without the checkpoint; the cache spec is then the one `pipeline.extract.plan.cache_layout` builds for the run.
 
-Bytes per view of an uncompressed array are exact: the spec's `sample_nbytes` plus zarr's shard index. A compressed
-array's size depends on its values, which only a run produces; it is estimated with the ratio that
-`benchmarks/cache_codecs.py` measured for that array and compressor (benchmarks/results/cache_codecs.json), and
-shown at its raw size, marked "not measured", where that benchmark has no figure for it.
+Bytes per view of an uncompressed array are exact: the spec's `sample_nbytes` (the stored codes, scales included,
+for an 8-bit storage) plus zarr's shard index. A compressed array's size depends on its values, which only a run
+produces; it is estimated with the ratio that `benchmarks/cache_storage.py` measured for that array, storage and
+compressor (benchmarks/results/cache_storage.json), and shown at its raw size, marked "not measured", where that
+benchmark has no figure for it.
 """
 from __future__ import annotations
 
@@ -33,29 +34,23 @@ INDEX_BYTES_PER_SLOT = 16
 INDEX_CHECKSUM_BYTES = 4
 CHUNK_CHECKSUM_BYTES = 4
 
-# raw / stored bytes per sample (shard index included) from benchmarks/results/cache_codecs.json: ViT-B-16-quickgelu
-# with random weights, crop 320, float16, 8 samples per shard. tests/extract/test_estimate.py keeps it equal to the
-# file; rerun the benchmark and update both together.
+# raw / stored bytes per sample (shard index included) per "<array>:<storage>" and compressor, from
+# benchmarks/results/cache_storage.json: ViT-B-16-quickgelu with random weights, crop 320, float16, 8 samples per shard.
+# tests/extract/test_estimate.py keeps it equal to the file; rerun the benchmark and update both together.
 MEASURED_RATIOS: dict[str, dict[str, float]] = {
-    "zstd:1": {"features": 1.089, "attn": 1.416, "cams": 3.323, "cam_classes": 0.2388, "image": 1.096,
-               "valid": 2592.0},
-    "zstd:3": {"features": 1.089, "attn": 1.43, "cams": 3.636, "cam_classes": 0.2388, "image": 1.096,
-               "valid": 2592.0},
-    "zstd:9": {"features": 1.089, "attn": 1.509, "cams": 3.656, "cam_classes": 0.2388, "image": 1.097,
-               "valid": 2660.0},
-    "blosc-lz4": {"features": 1.0, "attn": 1.335, "cams": 2.849, "cam_classes": 0.1975, "image": 1.016,
-                  "valid": 225.8},
-    "blosc-zstd:1": {"features": 1.087, "attn": 1.555, "cams": 3.221, "cam_classes": 0.1975, "image": 1.102,
-                     "valid": 723.0},
-    "blosc-zstd:3": {"features": 1.089, "attn": 1.603, "cams": 3.369, "cam_classes": 0.1975, "image": 1.097,
-                     "valid": 1613.0},
-    "blosc-lz4-bit": {"features": 1.009, "attn": 1.581, "cams": 2.505, "cam_classes": 0.1975, "image": 1.044,
-                      "valid": 223.8},
-    "blosc-zstd-bit:1": {"features": 1.017, "attn": 1.598, "cams": 2.806, "cam_classes": 0.1975, "image": 1.087,
-                         "valid": 644.5},
+    "features:plain": {"zstd:1": 1.0889, "zstd:3": 1.0889, "blosc-zstd:1": 1.0866, "blosc-lz4": 1.0001},
+    "features:int8": {"zstd:1": 1.0865, "zstd:3": 1.0865, "blosc-zstd:1": 1.0839, "blosc-lz4": 1},
+    "features:fp8": {"zstd:1": 1.2143, "zstd:3": 1.2145, "blosc-zstd:1": 1.2144, "blosc-lz4": 1},
+    "attn:plain": {"zstd:1": 1.4204, "zstd:3": 1.4358, "blosc-zstd:1": 1.5654, "blosc-lz4": 1.3395},
+    "attn:uint8": {"zstd:1": 1.2119, "zstd:3": 1.2124, "blosc-zstd:1": 1.221, "blosc-lz4": 1},
+    "attn:log8": {"zstd:1": 2.1873, "zstd:3": 2.0891, "blosc-zstd:1": 2.1945, "blosc-lz4": 1.106},
+    "cams:plain": {"zstd:1": 3.3229, "zstd:3": 3.6364, "blosc-zstd:1": 3.2213, "blosc-lz4": 2.8492},
+    "cam_classes:plain": {"zstd:1": 0.2388, "zstd:3": 0.2388, "blosc-zstd:1": 0.1975, "blosc-lz4": 0.1975},
+    "image:plain": {"zstd:1": 1.096, "zstd:3": 1.0965, "blosc-zstd:1": 1.102, "blosc-lz4": 1.0158},
+    "valid:plain": {"zstd:1": 2592.41, "zstd:3": 2592.41, "blosc-zstd:1": 723.036, "blosc-lz4": 225.799},
 }
-MEASURED_DTYPE = "float16"  # the float arrays' ratios hold for this cache dtype only
-MEASURED_ON = ("benchmarks/cache_codecs.py (benchmarks/results/cache_codecs.json): ViT-B-16-quickgelu with random "
+MEASURED_DTYPE = "float16"  # the ratios of float arrays stored plain hold for this cache dtype only
+MEASURED_ON = ("benchmarks/cache_storage.py (benchmarks/results/cache_storage.json): ViT-B-16-quickgelu with random "
                "weights, crop 320, float16; real weights and other shapes may compress differently")
 
 Basis = Literal["exact", "measured", "not measured"]
@@ -100,6 +95,8 @@ class ArrayEstimate:
     name: str
     shape: tuple[int, ...]
     dtype: str
+    storage: str
+    compressor: str
     raw_bytes_per_view: int
     stored_bytes: float
     basis: Basis
@@ -107,13 +104,13 @@ class ArrayEstimate:
 
 
 def measured_ratio(array: ArraySchema) -> float | None:
-    """The benchmark's ratio for this array and compressor (any spelling of the same codecs, e.g. "zstd" for
-    "zstd:3"); None where it measured none, including float arrays of another dtype than float16."""
-    if array.floating and array.dtype != MEASURED_DTYPE:
+    """The benchmark's ratio for this array, storage and compressor (any spelling of the same codecs, e.g. "zstd"
+    for "zstd:3"); None where it measured none, including float arrays stored plain in another dtype than float16."""
+    if array.floating and not array.quantised and array.dtype != MEASURED_DTYPE:
         return None
     codecs = compressor_codecs(array.compressor)
-    return next((ratios[array.name] for name, ratios in MEASURED_RATIOS.items()
-                 if compressor_codecs(name) == codecs and array.name in ratios), None)
+    ratios = MEASURED_RATIOS.get(f"{array.name}:{array.storage}", {})
+    return next((ratio for name, ratio in ratios.items() if compressor_codecs(name) == codecs), None)
 
 
 def array_estimate(array: ArraySchema, spec: CacheSpec) -> ArrayEstimate:
@@ -121,15 +118,15 @@ def array_estimate(array: ArraySchema, spec: CacheSpec) -> ArrayEstimate:
     (with the shard index, as if uncompressed)."""
     raw = array.sample_nbytes
     basis: Basis = "exact"
+    named = (array.name, array.shape, array.dtype, array.storage, array.compressor, raw)
     if compressor_codecs(array.compressor):
         ratio = measured_ratio(array)
         if ratio is not None:
-            return ArrayEstimate(array.name, array.shape, array.dtype, raw, spec.total_samples * raw / ratio,
-                                 "measured", ratio)
+            return ArrayEstimate(*named, spec.total_samples * raw / ratio, "measured", ratio)
         basis = "not measured"
     index = spec.n_shards * (spec.samples_per_shard * INDEX_BYTES_PER_SLOT + INDEX_CHECKSUM_BYTES)
     stored = spec.total_samples * (raw + CHUNK_CHECKSUM_BYTES) + index
-    return ArrayEstimate(array.name, array.shape, array.dtype, raw, stored, basis, None)
+    return ArrayEstimate(*named, stored, basis, None)
 
 
 @dataclass(frozen=True)
@@ -150,7 +147,6 @@ class DryRunSummary:
     crop: int
     grid: tuple[int, int]
     dtype: str
-    compressor: str
     arrays: tuple[ArrayEstimate, ...]
     views_per_s: float | None
 
@@ -187,11 +183,13 @@ class DryRunSummary:
             f"shards of {self.samples_per_shard} (up to {self.k_max} classes per image)",
             f"  model {self.model} (its open_clip config, no weights read): patch {self.patch_size}, width "
             f"{self.width}, {self.num_blocks} blocks; crop {self.crop} -> grid {self.grid[0]}x{self.grid[1]}",
-            f"  cache dtype {self.dtype}, compressor {self.compressor}",
-            f"  {'array':<12} {'shape':<16} {'dtype':<8} {'raw B/view':>12} {'disk B/view':>12}  size",
+            f"  cache dtype {self.dtype}; raw = stored codes before compression, 8-bit storages with their scales",
+            f"  {'array':<12} {'shape':<16} {'dtype':<8} {'storage':<7} {'compressor':<13} {'raw B/view':>12} "
+            f"{'disk B/view':>12}  size",
         ]
-        lines += [f"  {a.name:<12} {'x'.join(map(str, a.shape)):<16} {a.dtype:<8} {a.raw_bytes_per_view:>12,} "
-                  f"{a.stored_bytes / self.views:>12,.0f}  {_basis_text(a)}" for a in self.arrays]
+        lines += [f"  {a.name:<12} {'x'.join(map(str, a.shape)):<16} {a.dtype:<8} {a.storage:<7} {a.compressor:<13} "
+                  f"{a.raw_bytes_per_view:>12,} {a.stored_bytes / self.views:>12,.0f}  {_basis_text(a)}"
+                  for a in self.arrays]
         lines += [
             f"  per view: {self.raw_bytes_per_view / 1e6:.3f} MB raw, {self.stored_bytes_per_view / 1e6:.3f} MB on "
             f"disk ({size})",
@@ -215,7 +213,7 @@ def _basis_text(array: ArrayEstimate) -> str:
     if array.basis == "measured":
         return f"estimated (measured ratio {array.ratio:g})"
     if array.basis == "not measured":
-        return "raw size shown (compression not measured for this compressor and dtype)"
+        return "raw size shown (compression not measured for this storage, compressor and dtype)"
     return "exact"
 
 
@@ -231,5 +229,5 @@ def dry_run(cfg: Config, plan: ExtractPlan, out: str, model_configs: Sequence[st
         out=out, model=geometry.name, patch_size=geometry.patch_size, width=geometry.width,
         num_blocks=geometry.num_blocks, images=len(plan.images), views_per_image=plan.views, views=spec.total_samples,
         samples_per_shard=spec.samples_per_shard, shards=spec.n_shards, k_max=spec.k_max, crop=spec.crop,
-        grid=spec.grid, dtype=spec.dtype, compressor=spec.compressor,
+        grid=spec.grid, dtype=spec.dtype,
         arrays=tuple(array_estimate(a, spec) for a in spec.arrays().values()), views_per_s=views_per_s)

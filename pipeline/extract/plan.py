@@ -153,5 +153,7 @@ def cache_layout(cfg: Config, plan: ExtractPlan, backbone: Backbone) -> tuple[di
     spec = CacheSpec(total_samples=plan.total_samples, samples_per_shard=plan.samples_per_shard,
                      feature_layers=len(cfg.extract.feature_layers), attn_layers=len(cfg.extract.attn_layers),
                      grid=grid, dim=backbone.width, k_max=plan.k_max, crop=cfg.aug.crop, dtype=cfg.extract.dtype,
-                     compressor=cfg.extract.compressor)
+                     compressor=cfg.extract.compressor, features_storage=cfg.extract.features_storage,
+                     features_compressor=cfg.extract.features_compressor, attn_storage=cfg.extract.attn_storage,
+                     attn_compressor=cfg.extract.attn_compressor)
     return fingerprint, spec

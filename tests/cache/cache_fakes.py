@@ -26,7 +26,8 @@ def tiny_spec(**overrides: Any) -> CacheSpec:
 def tiny_fingerprint(**overrides: Any) -> dict[str, Any]:
     parts = dict(model="tiny", checkpoint="none", precision="fp32", input_size=32, grid=(4, 4),
                  feature_layers=(1, 2), attn_layers=(1, 2, 3), prompts_sha256="p", classes_sha256="c",
-                 normalisation="imagenet", dtype="float16", views=VIEWS, seed=1,
+                 normalisation="imagenet", dtype="float16", features_storage="plain", attn_storage="plain",
+                 views=VIEWS, seed=1,
                  augmentation={"crop": 32, "scale_range": (0.5, 2.0), "flip_prob": 0.5}, manifest_sha256="m")
     return make_fingerprint(**{**parts, **overrides})
 

@@ -28,7 +28,7 @@ def test_digest_is_sha256_of_sorted_json_and_order_free():
     assert fp["digest"] == sorted_json_sha256(body)
     reordered = make_fingerprint(**dict(reversed([(k, v) for k, v in body.items()])))
     assert reordered == fp
-    assert fp["grid"] == [4, 4] and fp["schema_version"] == 1 and fp["cam_normalisation"] == "minmax-twice"
+    assert fp["grid"] == [4, 4] and fp["schema_version"] == 2 and fp["cam_normalisation"] == "minmax-twice"
     assert json.loads(json.dumps(fp)) == fp
 
 

@@ -51,3 +51,25 @@ def test_inspect_lists_every_array_the_spec_declares(tmp_path, monkeypatch):
     assert summary.raw_bytes_per_sample["gt_mask"] == 32 * 32
     line = next(l for l in summary.format().splitlines() if l.strip().startswith("gt_mask"))
     assert f"{32 * 32 / 1e6:.3f} MB/sample raw" in line
+
+
+def test_inspect_shows_each_arrays_storage_codec_and_bytes(tmp_path):
+    root = tmp_path / "cache"
+    spec = fk.tiny_spec(features_storage="fp8", features_compressor="none", attn_storage="log8",
+                        attn_compressor="zstd:1")
+    writer = CacheWriter.create_or_open(str(root), spec, fk.tiny_fingerprint(features_storage="fp8",
+                                                                             attn_storage="log8"))
+    writer.write_shard(0, *fk.shard_inputs(spec, 0))
+    summary = inspect.run(str(root))
+    assert summary.storage == {"features": "fp8", "attn": "log8", "cams": "plain", "cam_classes": "plain",
+                               "image": "plain", "valid": "plain"}
+    assert summary.compressors["features"] == "none" and summary.compressors["image"] == "blosc-zstd:1"
+    # one byte per value and one float32 scale per vector: 8-wide tokens, 16-wide attention rows
+    assert summary.raw_bytes_per_sample["features"] == 2 * 16 * (8 + 4)
+    assert summary.raw_bytes_per_sample["attn"] == 3 * 16 * (16 + 4)
+    # uncompressed: 4 samples' codes, a crc32c each, and the shard index of 4 slots of 16 bytes and its crc32c
+    assert summary.bytes_on_disk["features"] == 4 * (2 * 16 * 12 + 4) + 4 * 16 + 4
+    line = next(l for l in summary.format().splitlines() if l.strip().startswith("features"))
+    assert line.split()[:3] == ["features", "fp8", "none"]
+    assert next(l for l in summary.format().splitlines() if l.strip().startswith("attn")).split()[:3] == [
+        "attn", "log8", "zstd:1"]

@@ -109,3 +109,49 @@ def test_bad_spec_settings_are_config_errors():
         fk.tiny_spec(samples_per_shard=0)
     with pytest.raises(CacheError, match="per-sample shape"):
         fk.tiny_spec().arrays()["valid"].to_storage(np.zeros((1, 3, 3), bool))
+
+
+def test_features_and_attn_have_their_own_storage_and_codec():
+    spec = CacheSpec(total_samples=8, samples_per_shard=4, feature_layers=11, attn_layers=8, grid=(20, 20), dim=768,
+                     k_max=4, crop=320, dtype="float16", compressor="blosc-zstd:1", features_storage="fp8",
+                     features_compressor="none", attn_storage="log8", attn_compressor="zstd:1")
+    arrays = spec.arrays()
+    assert {n: (a.storage, a.compressor) for n, a in arrays.items()} == {
+        "features": ("fp8", "none"), "attn": ("log8", "zstd:1"), "cams": ("plain", "blosc-zstd:1"),
+        "cam_classes": ("plain", "blosc-zstd:1"), "image": ("plain", "blosc-zstd:1"),
+        "valid": ("plain", "blosc-zstd:1")}
+    features, attn = arrays["features"], arrays["attn"]
+    assert features.shape == (11, 400, 768) and features.stored_shape == (11, 400, 772)
+    assert features.sample_nbytes == 11 * 400 * (768 + 4) and attn.sample_nbytes == 8 * 400 * (400 + 4)
+    kw = features.zarr_kwargs(spec)
+    assert kw["chunks"] == (1, 11, 400, 772) and kw["shards"] == (4, 11, 400, 772) and kw["dtype"] == np.uint8
+    assert kw["compressors"] == () and kw["attributes"]["weclip_storage"] == "fp8"
+    assert attn.zarr_kwargs(spec)["compressors"] == (ZstdCodec(level=1),)
+    assert CacheSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_to_storage_quantises_and_from_storage_decodes():
+    spec = fk.tiny_spec(features_storage="int8")
+    features = spec.arrays()["features"]
+    x = np.zeros((1, 2, 16, 8), np.float16)
+    x[0, 0, 0, :3] = [2.0, -1.0, 0.5]  # s = 2 / 127
+    stored = features.to_storage(x)
+    assert stored.dtype == np.int8 and stored.shape == (1, 2, 16, 12)
+    assert stored[0, 0, 0, :3].tolist() == [127, -64, 32]  # rint(-63.5) = -64, rint(31.75) = 32
+    np.testing.assert_allclose(features.from_storage(stored)[0, 0, 0, :3], np.array([127, -64, 32]) * 2 / 127,
+                               rtol=1e-6)
+    bad = x.astype(np.float32)
+    bad[0, 1, 3, 2] = np.nan
+    with pytest.raises(CacheError, match="array 'features': values hold NaN or inf"):
+        features.to_storage(bad)
+
+
+def test_bad_storage_settings_are_config_errors():
+    with pytest.raises(ConfigError, match=r"features_storage 'log8' \(extract.features_storage\)"):
+        fk.tiny_spec(features_storage="log8")
+    with pytest.raises(ConfigError, match=r"attn_storage 'int8' \(extract.attn_storage\)"):
+        fk.tiny_spec(attn_storage="int8")
+    with pytest.raises(ConfigError, match=r"'gzip' \(extract.attn_compressor\)"):
+        fk.tiny_spec(attn_compressor="gzip")
+    with pytest.raises(ConfigError, match="'valid' of dtype bool cannot have storage 'uint8'"):
+        dataclasses.replace(fk.tiny_spec().arrays()["valid"], storage="uint8")

@@ -1,6 +1,7 @@
 """CacheWriter / CacheReader: round trips, exactly-once commits, resume, refusal of foreign or mismatched caches."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import os
@@ -477,14 +478,49 @@ def test_an_array_declared_by_the_spec_is_written_indexed_and_read(tmp_path, spe
     assert reader.verify() == {}
 
 
-def test_an_older_schema_version_is_refused_with_re_extract(tmp_path, spec, fingerprint):
+@pytest.mark.parametrize("version", [1, 2])  # 2: one compressor and float storage for every array
+def test_an_older_schema_version_is_refused_with_re_extract(tmp_path, spec, fingerprint, version):
     old = tmp_path / "old"
     write_all(str(old), spec, fingerprint, shards=[])
     group = zarr.open_group(LocalStore(old), mode="r+")
-    group.attrs["weclip_cache"] = {**group.attrs["weclip_cache"], "schema_version": 1}
+    group.attrs["weclip_cache"] = {**group.attrs["weclip_cache"], "schema_version": version}
     for open_it in (lambda: CacheReader(str(old)), lambda: CacheWriter.create_or_open(str(old), spec, fingerprint)):
-        with pytest.raises(NotACache, match=rf"{re.escape(str(old))} has cache schema version 1.*re-extract"):
+        with pytest.raises(NotACache, match=rf"{re.escape(str(old))} has cache schema version {version}.*re-extract"):
             open_it()
+
+
+def test_quantised_arrays_are_one_chunk_per_sample_and_read_decoded(tmp_path):
+    """int8 features and log8 attention: codes and scales in one chunk per sample, decoded on read within the
+    codings' bounds (computed here from the float32 inputs), the other arrays exactly as before."""
+    root = tmp_path / "cache"
+    spec = fk.tiny_spec(features_storage="int8", features_compressor="none", attn_storage="log8",
+                        attn_compressor="zstd:1")
+    fp = fk.tiny_fingerprint(features_storage="int8", attn_storage="log8")
+    write_all(str(root), spec, fp, skip=frozenset({"img3"})).finalize()
+    group = zarr.open_group(LocalStore(root), mode="r")
+    n, d = spec.grid[0] * spec.grid[1], spec.dim
+    assert group["features"].dtype == np.int8 and group["features"].chunks == (1, 2, n, d + 4)
+    assert group["attn"].dtype == np.uint8 and group["attn"].chunks == (1, 3, n, n + 4)
+    assert group["features"].attrs["weclip_storage"] == "int8"
+    reader = CacheReader(str(root))
+    rows = [9, 0, 4]
+    got, source = reader.read(rows), {k: np.stack([fk.sample_arrays(spec, r)[k] for r in rows]) for k in ARRAY_NAMES}
+    x = source["features"]
+    assert got["features"].dtype == np.float32 and got["features"].shape == x.shape
+    assert (np.abs(got["features"] - x) <= np.abs(x).max(-1, keepdims=True) / 127 / 2 * (1 + 1e-5)).all()
+    a, back = source["attn"], got["attn"]  # 16-wide Dirichlet rows: no value below the row's max · 2^-15.9
+    assert (np.abs(back / a - 1) <= 2 ** (1 / 16) - 1).all()  # twice the half step (the sum correction)
+    np.testing.assert_allclose(back.sum(-1), a.sum(-1), rtol=1e-5)
+    want = expected(spec, rows)
+    for name in ("cams", "cam_classes", "image", "valid"):
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert reader.read([])["attn"].shape == (0, 3, n, n)
+    assert not np.asarray(group["features"][6:8]).any()  # img3's skipped rows: the fill value, decoding to zeros
+    assert reader.verify() == {}
+    with pytest.raises(FingerprintMismatch, match="features_storage"):
+        CacheWriter.create_or_open(str(root), spec, fk.tiny_fingerprint(features_storage="fp8", attn_storage="log8"))
+    with pytest.raises(FingerprintMismatch, match="spec.attn_compressor"):
+        CacheWriter.create_or_open(str(root), dataclasses.replace(spec, attn_compressor="zstd:3"), fp)
 
 
 def test_a_short_shard_file_is_refused_at_open_and_listed(tmp_path, spec, fingerprint):

@@ -15,8 +15,9 @@ from pipeline.extract import estimate
 from pipeline.extract.plan import ExtractPlan, cache_layout, make_plan
 from pipeline.model.text import VOC_CLASSES
 
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "cache_codecs.json"
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "cache_storage.json"
 VOC = preset("voc")
+UNCOMPRESSED = {"compressor": "none", "features_compressor": "none", "attn_compressor": "none"}
 
 
 def voc_plan(tmp_path: Path, images: int = 10, k_max: int = 3) -> ExtractPlan:
@@ -31,11 +32,12 @@ def voc_plan(tmp_path: Path, images: int = 10, k_max: int = 3) -> ExtractPlan:
 
 def test_vit_b16_voc_figures_are_exact_without_weights(tmp_path):
     plan = voc_plan(tmp_path, images=10, k_max=3)
-    bill = estimate.dry_run(VOC.replace(extract={"compressor": "none"}), plan, "cache")
+    bill = estimate.dry_run(VOC.replace(extract=UNCOMPRESSED), plan, "cache")
     assert (bill.patch_size, bill.width, bill.num_blocks, bill.grid) == (16, 768, 12, (20, 20))
     assert (bill.images, bill.views, bill.samples_per_shard, bill.shards, bill.k_max) == (10, 40, 64, 1, 3)
     raw = {a.name: (a.shape, a.raw_bytes_per_view) for a in bill.arrays}
-    assert raw == {"features": ((11, 400, 768), 11 * 400 * 768 * 2), "attn": ((8, 400, 400), 8 * 400 * 400 * 2),
+    # fp8 features, log8 attention: one byte per value and a float32 scale per token / attention row
+    assert raw == {"features": ((11, 400, 768), 11 * 400 * (768 + 4)), "attn": ((8, 400, 400), 8 * 400 * (400 + 4)),
                    "cams": ((3, 20, 20), 3 * 400 * 2), "cam_classes": ((3,), 3 * 2),
                    "image": ((3, 320, 320), 3 * 320 * 320), "valid": ((320, 320), 320 * 320)}
     assert bill.exact and {a.basis for a in bill.arrays} == {"exact"}
@@ -78,35 +80,44 @@ def test_layers_the_model_lacks_are_refused_as_in_the_run(tmp_path):
 
 
 def test_measured_ratios_are_the_benchmark_file():
-    measured = json.loads(BENCHMARK.read_text())
+    measured = json.loads(BENCHMARK.read_text())["vit_b16"]
     assert (measured["model"], measured["crop"], measured["dtype"]) == ("ViT-B-16-quickgelu", 320,
                                                                         estimate.MEASURED_DTYPE)
     from_file = {}
     for row in measured["per_array"]:
         if row["codec"] != "none":  # uncompressed sizes are exact, not measured
-            from_file.setdefault(row["codec"], {})[row["array"]] = row["ratio"]
+            from_file.setdefault(f"{row['array']}:{row['storage']}", {})[row["codec"]] = row["ratio"]
     assert from_file.keys() == estimate.MEASURED_RATIOS.keys()
-    for codec, ratios in estimate.MEASURED_RATIOS.items():
-        assert ratios == pytest.approx(from_file[codec], rel=5e-4), codec
+    for key, ratios in estimate.MEASURED_RATIOS.items():
+        assert ratios == pytest.approx(from_file[key], rel=5e-4), key
 
 
 def test_compressed_arrays_are_estimated_with_the_measured_ratio(tmp_path):
     plan = voc_plan(tmp_path)
-    bill = estimate.dry_run(VOC.replace(extract={"compressor": "zstd"}), plan, "cache")  # zstd = zstd:3
-    features = next(a for a in bill.arrays if a.name == "features")
-    assert (features.basis, features.ratio) == ("measured", estimate.MEASURED_RATIOS["zstd:3"]["features"])
-    assert features.stored_bytes == pytest.approx(40 * 11 * 400 * 768 * 2 / features.ratio)
-    assert not bill.exact and "estimated (measured ratio 1.089)" in bill.format()
-    assert "random weights" in bill.format()
+    bill = estimate.dry_run(VOC, plan, "cache")  # the preset: fp8 features and log8 attention with zstd:1
+    arrays = {a.name: a for a in bill.arrays}
+    features, attn = arrays["features"], arrays["attn"]
+    assert (features.storage, features.compressor, features.basis) == ("fp8", "zstd:1", "measured")
+    assert features.ratio == estimate.MEASURED_RATIOS["features:fp8"]["zstd:1"]
+    assert attn.ratio == estimate.MEASURED_RATIOS["attn:log8"]["zstd:1"] and attn.storage == "log8"
+    assert features.stored_bytes == pytest.approx(40 * 11 * 400 * 772 / features.ratio)
+    plain = {a.name: a for a in estimate.dry_run(VOC.replace(extract={"features_storage": "plain",
+                                                                      "features_compressor": "zstd"}), plan, "c").arrays}
+    assert plain["features"].ratio == estimate.MEASURED_RATIOS["features:plain"]["zstd:3"]  # zstd = zstd:3
+    text = bill.format()
+    assert not bill.exact and f"estimated (measured ratio {features.ratio:g})" in text
+    assert "random weights" in text and "fp8     zstd:1" in text and "log8    zstd:1" in text
 
 
 def test_unmeasured_compression_shows_the_raw_size(tmp_path):
     plan = voc_plan(tmp_path)
     bf16 = {a.name: a for a in estimate.dry_run(VOC.replace(extract={"dtype": "bfloat16"}), plan, "c").arrays}
-    assert (bf16["features"].basis, bf16["attn"].basis, bf16["image"].basis) == ("not measured", "not measured",
+    # quantised arrays code the values whatever the cache dtype; a plain bfloat16 array was not measured
+    assert (bf16["features"].basis, bf16["cams"].basis, bf16["image"].basis) == ("measured", "not measured",
                                                                                   "measured")
-    assert bf16["features"].stored_bytes == 40 * (bf16["features"].raw_bytes_per_view + 4) + 64 * 16 + 4
-    level = estimate.dry_run(VOC.replace(extract={"compressor": "zstd:5"}), plan, "c")
+    assert bf16["cams"].stored_bytes == 40 * (bf16["cams"].raw_bytes_per_view + 4) + 64 * 16 + 4
+    level = estimate.dry_run(VOC.replace(extract={"compressor": "zstd:5", "features_compressor": "zstd:5",
+                                                  "attn_compressor": "zstd:5"}), plan, "c")
     assert {a.basis for a in level.arrays} == {"not measured"} and "not measured" in level.format()
 
 

@@ -12,7 +12,7 @@ from pipeline.cache.store import CacheReader
 from pipeline.errors import ConfigError
 from stages import extract
 
-CFG = xf.tiny_config(compressor="none")
+CFG = xf.tiny_config(compressor="none", features_compressor="none", attn_compressor="none")  # 8-bit, uncompressed
 
 
 @pytest.fixture(scope="module")

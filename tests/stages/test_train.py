@@ -33,7 +33,8 @@ def tiny_config(**sections) -> Config:
         model={"name": "tiny-vit", "pretrained": None, "init_seed": 0},
         aug={"crop": CROP},
         extract={"views": 1, "samples_per_shard": 4, "feature_layers": [1, 2], "attn_layers": [1, 2, 3],
-                 "dtype": "float32", "batch_size": 4},
+                 "dtype": "float32", "features_storage": "plain", "attn_storage": "plain",  # = online, to 1e-4
+                 "batch_size": 4},
         refine={"static_layers": 3, "rfm_layers": 2, "rfm_start_iter": 2},
         par={"num_iter": 3, "dilations": [1, 2, 4]},
         decoder={"embed_dim": 32, "layers": 1, "heads": 2, "mlp_dim": 64},
@@ -375,3 +376,21 @@ def test_tensorboard_of_a_resumed_run_drops_the_killed_runs_later_events(world, 
     loss = events.Scalars("loss/total")
     assert [e.step for e in loss] == [0, 1, 2, 3]
     assert [e.value for e in loss] == pytest.approx([x["loss"] for x in metrics(out)], rel=1e-6)
+
+
+def test_a_compact_8bit_cache_of_later_blocks_trains_and_evaluates(world, tmp_path):
+    """The compact setting end to end: decoder blocks {2} of 3 (like VOC's 8..11 of 12), fp8 features and log8
+    attention (the presets' storage): extract, train, and evaluate with the backbone online reading the same blocks."""
+    from stages import evaluate
+    cfg = tiny_config(extract={"feature_layers": [2], "features_storage": "fp8", "attn_storage": "log8"})
+    extract.run(cfg, world["manifest"], tmp_path / "cache", executor="inline", progress=False,
+                model_configs=[TINY_CONFIG])
+    reader = CacheReader(str(tmp_path / "cache"))
+    assert reader.spec.feature_layers == 1 and reader.fingerprint["feature_layers"] == [2]
+    assert reader.schemas["features"].stored_shape == (1, 16, 64 + 4)  # tiny ViT: width 64, grid 4×4
+    summary = train.run(cfg, tmp_path / "cache", tmp_path / "run", max_steps=2, progress=False)
+    ckpt = load_checkpoint(summary.checkpoint)
+    assert build_decoder_from_checkpoint(ckpt).in_layers == 1 and ckpt.config.extract.feature_layers == (2,)
+    report = evaluate.run(summary.checkpoint, world["manifest"], tmp_path / "eval", crf=False, progress=False,
+                          model_configs=[TINY_CONFIG])
+    assert report.images == IMAGES and 0 <= report.miou <= 1
