@@ -240,11 +240,16 @@ def extract(
                                                 "the time at (a short --limit run prints this machine's)."),
     verify: bool = typer.Option(False, "--verify", help="On an existing cache, re-read every committed shard against "
                                 "its checksums (not only file sizes) and rewrite the damaged ones."),
+    store_masks: bool = typer.Option(False, "--store-masks", help="Also store each view's ground-truth mask crop "
+                                     "(255 = ignore and padding) for `weclip train --supervised` "
+                                     "(extract.store_masks); the manifest needs a mask for every image."),
 ) -> None:
     """Run the frozen CLIP once per training view; write features, attention and Grad-CAMs to a Zarr cache."""
     cfg = _config(preset, set_, config)
     if views is not None:
         cfg = cfg.replace(extract={"views": views})
+    if store_masks:
+        cfg = cfg.replace(extract={"store_masks": True})
     from pipeline.extract import ray_runner
     from stages import extract as stage
 
@@ -281,13 +286,19 @@ def train(
                                        "steps (with --val, default train.checkpoint_every); the best: best.pt."),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Train on a cache whose extraction has not "
                                        "finished (its committed samples), with a warning; refused otherwise."),
+    supervised: bool = typer.Option(False, "--supervised", help="Fully supervised: plain CE on the cache's "
+                                    "ground-truth mask crops (a cache made with `extract --store-masks`), ignore "
+                                    "255; no CAMs, RFM, PAR or affinity loss (train.supervised)."),
 ) -> None:
-    """Train the decoder with RFM + PAR from the cache (or --online, the released code's way)."""
+    """Train the decoder with RFM + PAR from the cache (or --online, the released code's way), or --supervised from
+    the cache's ground-truth masks."""
     from stages import train as stage
 
     cfg = _config(preset, set_, config)
     if iterations is not None:
         cfg = cfg.replace(train={"iterations": iterations})
+    if supervised:
+        cfg = cfg.replace(train={"supervised": True})
     if rfm_filter is not None:
         cfg = cfg.replace(refine={"rfm_filter": rfm_filter})
     if (cache is None) == (online is None):

@@ -8,12 +8,13 @@ spec follow from the plan and the backbone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from pipeline.cache.fingerprint import fingerprint_from_config
 from pipeline.cache.schema import CacheSpec
+from pipeline.cache.store import first_few
 from pipeline.config import Config, ExtractConfig
-from pipeline.data.manifest import Manifest
+from pipeline.data.manifest import Manifest, ManifestRow
 from pipeline.errors import BackboneError, ConfigError, DataError
 from pipeline.model.protocol import Backbone
 from pipeline.model.text import ClassSet, manifest_class_set
@@ -21,12 +22,14 @@ from pipeline.model.text import ClassSet, manifest_class_set
 
 @dataclass(frozen=True)
 class PlannedImage:
-    """One manifest image as the plan sees it. `path` is absolute (workers may run elsewhere)."""
+    """One manifest image as the plan sees it. `path` is absolute (workers may run elsewhere), and so is `mask_path`,
+    the ground-truth mask, set only when the run stores mask crops (`extract.store_masks`)."""
     image_id: str
     path: str
     labels: tuple[int, ...]
     height: int
     width: int
+    mask_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,22 @@ def make_plan(manifest: Manifest, cfg: Config, limit: int | None = None) -> Extr
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be a positive number of images, got {limit}")
     rows = manifest.rows[:limit]
+    masks = cfg.extract.store_masks
+    if masks:
+        require_masks(manifest, rows)
     images = tuple(PlannedImage(r.image_id, str(manifest.image_abspath(r).resolve()), tuple(r.labels), r.height,
-                                r.width) for r in rows)
+                                r.width, str(manifest.mask_abspath(r).resolve()) if masks else None) for r in rows)
     return ExtractPlan(images, cfg.extract.views, cfg.extract.samples_per_shard, manifest_class_set(manifest, cfg.text))
+
+
+def require_masks(manifest: Manifest, rows: Sequence[ManifestRow]) -> None:
+    """`extract.store_masks` needs a ground-truth mask for every planned image; name the manifest and the first few
+    images without one."""
+    lacking = [r.image_id for r in rows if r.mask_path is None]
+    if lacking:
+        raise DataError(f"extract.store_masks (--store-masks) needs a mask for every image, but manifest "
+                        f"{manifest.path} has none for {len(lacking)} of {len(rows)} images ({first_few(lacking)}); "
+                        "build the manifest from a dataset with masks, or extract without --store-masks")
 
 
 def check_layers(cfg: ExtractConfig, backbone: Backbone) -> None:
@@ -130,5 +146,5 @@ def cache_layout(cfg: Config, plan: ExtractPlan, backbone: Backbone) -> tuple[di
     spec = CacheSpec(total_samples=plan.total_samples, samples_per_shard=plan.samples_per_shard,
                      feature_layers=len(cfg.extract.feature_layers), attn_layers=len(cfg.extract.attn_layers),
                      grid=grid, dim=backbone.width, k_max=plan.k_max, crop=cfg.aug.crop, dtype=cfg.extract.dtype,
-                     compressor=cfg.extract.compressor)
+                     compressor=cfg.extract.compressor, masks=cfg.extract.store_masks)
     return fingerprint, spec

@@ -4,6 +4,9 @@
     M_p = online_pseudo_label(cams, attn, A_f, image)              (static CAA before `rfm_start_iter`, then RFM)
     loss = L_seg(P↑, M_p) + λ·L_aff(A_f, Â(M_p))                   (pipeline/training/losses.py)
     AdamW step + poly warm-up                                       (pipeline/training/optim.py; only the decoder learns)
+
+With `train.supervised` (docs/algorithm.md §8.2) the label is the batch's GT mask crop instead of M_p and the loss
+is plain CE alone (`supervised_loss`): no CAMs, RFM, PAR or affinity loss.
 """
 from __future__ import annotations
 
@@ -12,11 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import Config
+from pipeline.config import IGNORE_INDEX, Config
+from pipeline.errors import TrainError
 from pipeline.model.decoder import WeCLIPDecoder
 from pipeline.refinement.par import PAR
 from pipeline.refinement.pseudo_label import online_pseudo_label, rfm_active
-from pipeline.training.losses import total_loss
+from pipeline.training.losses import supervised_loss, total_loss
 from pipeline.training.optim import PolyWarmup
 from pipeline.training.sources import StepBatch
 
@@ -27,10 +31,17 @@ def train_step(decoder: WeCLIPDecoder, optimizer: torch.optim.Optimizer, schedul
     decoder.train()
     lr = optimizer.param_groups[0]["lr"]
     out = decoder(batch.features, batch.grid)
-    use_rfm = rfm_active(step, cfg.refine)
-    labels = online_pseudo_label(batch.cams, batch.cam_classes, batch.attn, out.affinity, batch.image,
-                                 use_rfm=use_rfm, refine=cfg.refine, par=par)
-    losses = total_loss(out.logits, out.affinity, labels, cfg.loss)
+    if cfg.train.supervised:
+        if batch.mask is None:
+            raise TrainError("train.supervised needs the batch's GT mask crops (a cache extracted with "
+                             "extract.store_masks)")
+        use_rfm, labels = False, batch.mask
+        losses = supervised_loss(out.logits, labels)
+    else:
+        use_rfm = rfm_active(step, cfg.refine)
+        labels = online_pseudo_label(batch.cams, batch.cam_classes, batch.attn, out.affinity, batch.image,
+                                     use_rfm=use_rfm, refine=cfg.refine, par=par)
+        losses = total_loss(out.logits, out.affinity, labels, cfg.loss)
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
     optimizer.step()
@@ -40,6 +51,6 @@ def train_step(decoder: WeCLIPDecoder, optimizer: torch.optim.Optimizer, schedul
         raise FloatingPointError(f"non-finite loss {values} at step {step}; the last checkpoint is the one to resume")
     present = torch.unique(labels)
     return {"step": step, **values, "lr": lr, "rfm": use_rfm,
-            "fg_fraction": float((labels > 0).float().mean()),
+            "fg_fraction": float(((labels > 0) & (labels != IGNORE_INDEX)).float().mean()),
             "pad_fraction": float(1 - batch.valid.float().mean()),
-            "classes": [int(v) - 1 for v in present.tolist() if v > 0]}
+            "classes": [int(v) - 1 for v in present.tolist() if 0 < v != IGNORE_INDEX]}
