@@ -5,7 +5,7 @@
 WeCLIP §4.5 / Tab. 7 (docs/algorithm.md §8.2): the same frozen encoder, fusion head and decoder, trained on
 ground-truth masks instead of pseudo labels. One 1-view cache of the demo's train world (the shapes preset, the
 shipped tiny CLIP) is extracted with `extract.store_masks`, and from it, per training seed, two decoders are trained
-for the preset's steps: `weclip` (RFM + PAR pseudo labels, the preset's settings; the mask crops are not read) and
+for the preset's steps (`--iterations`: fewer, RFM still from halfway): `weclip` (RFM + PAR pseudo labels, the preset's settings; the mask crops are not read) and
 `supervised` (`train.supervised`: plain CE on the mask crops). Both are scored like `benchmarks/shapes_quality.py
 --train` scores its decoders: the same held-out val world (seed 2024, 200 images), the preset's inference (msc +
 flip, no CRF). Prints one JSON object: mean and per-seed mIoU (percent) of each, and each run's record. Everything
@@ -42,10 +42,15 @@ def main() -> None:
     parser.add_argument("--val-count", type=int, default=200)
     parser.add_argument("--val-seed", type=int, default=2024)
     parser.add_argument("--workdir", type=Path, default=Path("runs/supervised_ceiling"))
+    parser.add_argument("--iterations", type=int, default=cfg.train.iterations,
+                        help="training steps of every run; RFM starts halfway, as in the preset (300 / 150)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         help="the decoders to train, each for every seed (supervised first: it is the cheap one)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    cfg = cfg.replace(train={"iterations": args.iterations, "checkpoint_every": min(args.iterations, 100)},
+                      refine={"rfm_start_iter": args.iterations // 2})
+    torch.set_num_threads(args.threads)
     tic = time.time()
     progress = sys.stderr.isatty()
     work = args.workdir.resolve()

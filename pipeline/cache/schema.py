@@ -18,7 +18,7 @@ Per-sample arrays, declared by `CacheSpec.arrays()` (ViT-B/16, crop 320: grid 20
     cam_classes  K_max              int16   class id per CAM slot, −1 = empty
     image        3 × crop × crop    uint8   the augmented crop
     valid        crop × crop        bool    false on padding
-    mask         crop × crop        uint8   ground-truth mask crop, 255 = ignore and padding (only with `masks`)
+    gt_mask      crop × crop        uint8   ground-truth mask crop, 255 = ignore and padding (only with `masks`)
 
 "float" is the cache dtype: float16 (default), float32 or bfloat16. Zarr 3 has no bfloat16 data type, so
 bfloat16 is stored as its raw bits in uint16 (array attribute `weclip_dtype: bfloat16`) and decoded to
@@ -149,7 +149,7 @@ class CacheSpec:
             ArraySchema("valid", (self.crop, self.crop), "bool", False, codec),
         )
         if self.masks:
-            declared += (ArraySchema("mask", (self.crop, self.crop), "uint8", IGNORE_INDEX, codec),)
+            declared += (ArraySchema("gt_mask", (self.crop, self.crop), "uint8", IGNORE_INDEX, codec),)
         return {a.name: a for a in declared}
 
     def to_dict(self) -> dict[str, Any]:

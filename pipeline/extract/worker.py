@@ -103,7 +103,7 @@ def extract_shard(backbone: CLIPBackbone, text: TextEmbeddings, task: ShardTask,
         arrays["image"][i] = apply_view(image.rgb, view).transpose(2, 0, 1)
         arrays["valid"][i] = valid_mask(view)
         if spec.masks:  # the same geometry, nearest neighbour, padding = ignore (docs/algorithm.md §8.2)
-            arrays["mask"][i] = apply_view(image.mask, view, nearest=True, fill=IGNORE_INDEX)
+            arrays["gt_mask"][i] = apply_view(image.mask, view, nearest=True, fill=IGNORE_INDEX)
     step = cfg.extract.batch_size
     for start in range(0, len(samples), step):
         batch = slice(start, start + step)

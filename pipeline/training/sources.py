@@ -96,7 +96,7 @@ class OnlineCrops(Dataset):
 class StepBatch:
     """The inputs of one training step: features B×L×N×D, attn B×A×N×N, cams B×K×h×w, cam_classes B×K,
     image B×3×H×W (normalised), valid B×H×W (false on padding; reported, not ignored: §0.1 item 8), and mask B×H×W
-    int64, the GT mask crops (255 = ignore and padding) of a cache that stores them (`extract.store_masks`)."""
+    int64, the GT mask crops (`gt_mask`, 255 = ignore and padding) of a cache that stores them (`extract.store_masks`)."""
     features: torch.Tensor
     attn: torch.Tensor
     cams: torch.Tensor
@@ -161,7 +161,7 @@ class CachedSource:
         return StepBatch(features=dev("features"), attn=dev("attn"), cams=dev("cams"),
                          cam_classes=dev("cam_classes").long(),
                          image=normalise(dev("image"), self.cfg.model.normalisation), valid=dev("valid"),
-                         grid=self.grid, mask=dev("mask").long() if "mask" in item else None)
+                         grid=self.grid, mask=dev("gt_mask").long() if "gt_mask" in item else None)
 
 
 class OnlineSource:

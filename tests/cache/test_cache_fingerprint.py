@@ -104,3 +104,13 @@ def test_a_cache_with_another_cam_normalisation_is_refused(tmp_path):
     current = tmp_path / "current"
     CacheWriter.create_or_open(str(current), fk.tiny_spec(), fk.tiny_fingerprint())
     assert CacheReader(str(current)).fingerprint["cam_normalisation"] == "minmax-twice"
+
+
+def test_stored_masks_add_a_key_and_leave_other_digests_alone():
+    kw = dict(grid=(20, 20), prompts=["a clean origami cat."], class_names=["cat"], manifest=[("2007_000032", [0])])
+    cfg = preset("voc")
+    base = fingerprint_from_config(cfg, **kw)
+    assert "gt_masks" not in base  # a cache without masks keeps the digest it had before the option existed
+    assert base["digest"] == sorted_json_sha256({k: v for k, v in base.items() if k != "digest"})
+    masked = fingerprint_from_config(cfg.replace(extract={"store_masks": True}), **kw)
+    assert masked["gt_masks"] is True and diff(base, masked) == ["gt_masks"]
