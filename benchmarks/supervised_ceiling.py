@@ -10,6 +10,9 @@ for the preset's steps (`--iterations`: fewer, RFM still from halfway): `weclip`
 --train` scores its decoders: the same held-out val world (seed 2024, 200 images), the preset's inference (msc +
 flip, no CRF). Prints one JSON object: mean and per-seed mIoU (percent) of each, and each run's record. Everything
 stays in `--workdir`; a rerun resumes (cache, checkpoints, scores) instead of redoing.
+
+results/supervised_ceiling.json was measured with `--val-count 100 --iterations 100 --threads 1`, one invocation per
+mode and seed run side by side (the machine was loaded), merged into one object of this script's form.
 """
 from __future__ import annotations
 

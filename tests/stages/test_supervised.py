@@ -25,7 +25,7 @@ from pipeline.model.decoder import WeCLIPDecoder
 from pipeline.model.text import SHAPES_CLASSES
 from pipeline.training import schedule
 from pipeline.training.checkpoint import load_checkpoint
-from stages import evaluate, extract, infer, manifest, train
+from stages import evaluate, export, extract, infer, manifest, train
 
 # label -> the colour that encodes it in the generated images; 255 is the GT's own ignore region
 PALETTE = {0: (40, 200, 10), 1: (90, 160, 40), 2: (140, 120, 70), 3: (190, 80, 100), 255: (250, 250, 0)}
@@ -197,6 +197,8 @@ def test_the_checkpoint_says_supervised_and_evaluate_and_infer_use_it(shapes_wor
     assert summary.supervised and not summary.rfm_on and "fully supervised" in summary.format()
     ckpt = load_checkpoint(summary.checkpoint)
     assert ckpt.config.train.supervised and ckpt.fingerprint["gt_masks"] is True
+    exported = export.run(summary.checkpoint, tmp_path / "weights.safetensors")
+    assert load_checkpoint(exported.out).config.train.supervised
     report = evaluate.run(summary.checkpoint, shapes_world["manifest"], tmp_path / "eval", crf=False, progress=False,
                           model_configs=[TINY_CONFIG])
     assert report.images == 8 and 0 <= report.miou <= 1
