@@ -264,12 +264,17 @@ def extract(
     verify: bool = typer.Option(False, "--verify", help="On an existing cache, re-read every committed shard against "
                                 "its checksums (not only file sizes) and rewrite the damaged ones."),
     storage_options: Optional[str] = StorageOpt,
+    store_masks: bool = typer.Option(False, "--store-masks", help="Also store each view's ground-truth mask crop "
+                                     "(255 = ignore and padding) for `weclip train --supervised` "
+                                     "(extract.store_masks); the manifest needs a mask for every image."),
 ) -> None:
     """Run the frozen CLIP once per training view; write features, attention and Grad-CAMs to a Zarr cache."""
     _use_storage_options(storage_options)
     cfg = _config(preset, set_, config)
     if views is not None:
         cfg = cfg.replace(extract={"views": views})
+    if store_masks:
+        cfg = cfg.replace(extract={"store_masks": True})
     from pipeline.extract import ray_runner
     from stages import extract as stage
 
@@ -312,8 +317,12 @@ def train(
                               "each reads train.batch_size / N rows of every batch; on CUDA one GPU each). Across "
                               "machines: torchrun --nnodes M --nproc-per-node N --no-python weclip train …"),
     storage_options: Optional[str] = StorageOpt,
+    supervised: bool = typer.Option(False, "--supervised", help="Fully supervised: plain CE on the cache's "
+                                    "ground-truth mask crops (a cache made with `extract --store-masks`), ignore "
+                                    "255; no CAMs, RFM, PAR or affinity loss (train.supervised)."),
 ) -> None:
-    """Train the decoder with RFM + PAR from the cache (or --online, the released code's way).
+    """Train the decoder with RFM + PAR from the cache (or --online, the released code's way), or --supervised from
+    the cache's ground-truth masks.
 
     Same steps, losses and checkpoints on 1 or N processes (--nproc N, or under torchrun)."""
     _use_storage_options(storage_options)
@@ -322,6 +331,8 @@ def train(
     cfg = _config(preset, set_, config)
     if iterations is not None:
         cfg = cfg.replace(train={"iterations": iterations})
+    if supervised:
+        cfg = cfg.replace(train={"supervised": True})
     if rfm_filter is not None:
         cfg = cfg.replace(refine={"rfm_filter": rfm_filter})
     if (cache is None) == (online is None):

@@ -234,6 +234,9 @@ class ExtractConfig(Section):
     cpus_per_task: NonNegFloat = 1.0  # Ray: CPUs reserved per shard task (torch uses that many threads in it)
     gpus_per_task: NonNegFloat = 1.0  # Ray: GPUs per shard task when the cluster has GPUs (the task then runs on cuda)
     max_retries: NonNegInt = 3  # Ray: re-runs of a shard task whose worker died (idempotent shard writes, docs/design.md §3.3)
+    # also store each view's ground-truth mask crop (`mask`, uint8, 255 = ignore and padding) for `weclip train
+    # --supervised`; needs a manifest with a mask for every image
+    store_masks: bool = False
 
 
 @dataclass(frozen=True)
@@ -272,6 +275,9 @@ class TrainConfig(Section):
     tensorboard: bool = False  # also log the step metrics to <run>/tensorboard/ (needs the `tensorboard` package)
     val_every: NonNegInt = 0  # validation mIoU on a val manifest every this many steps, best kept as best.pt (0: off)
     keep_checkpoints: NonNegInt = 0  # keep only the newest this many step_XXXXXX.pt (0: keep all)
+    # fully supervised ([PW] §4.5, Tab. 7): plain CE against the cached GT mask crops (extract.store_masks), ignore
+    # 255; no CAMs, RFM, PAR or affinity loss. Recorded in every checkpoint's config
+    supervised: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Stage `train`: WeCLIP's decoder with RFM + PAR pseudo labels, from the feature cache or online (docs/design.md §3.4).
+"""Stage `train`: WeCLIP's decoder with RFM + PAR pseudo labels, from the feature cache or online (docs/design.md §3.4);
+with `train.supervised`, from the cache's GT mask crops instead (docs/algorithm.md §8.2).
 
 Composes `pipeline.training`: a Source (cache or online), the data order of `schedule`, one `train_step` per
 global step, and the run state of `state` (atomic checkpoints every `train.checkpoint_every` steps, exact resume,
@@ -62,6 +63,7 @@ class TrainSummary:
     best_step: int | None = None  # the checkpoint step of the best validation mIoU (train.val_every), if any
     best_val_miou: float | None = None
     best_checkpoint: str | None = None
+    supervised: bool = False  # trained on the cache's GT mask crops (train.supervised), not on pseudo labels
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,7 +73,8 @@ class TrainSummary:
         speed = "n/a" if self.mean_s_per_step is None else f"{self.mean_s_per_step:.3f} s/step"
         return "\n".join([
             f"trained {self.steps_run} steps ({self.start_step} -> {self.final_step}) from the {self.source} "
-            f"(fingerprint {self.fingerprint[:16]}, {self.samples} samples) on {self.device}",
+            f"(fingerprint {self.fingerprint[:16]}, {self.samples} samples) on {self.device}"
+            + (", fully supervised by its GT masks" if self.supervised else ""),
             f"  last loss {loss}, {speed}, RFM {'on' if self.rfm_on else 'off'}",
             f"  checkpoint {self.checkpoint}", f"  metrics {self.metrics}"]
             + ([] if self.best_step is None else
@@ -179,10 +182,11 @@ def _run(world: World, cfg: Config, cache_path, out_dir, resume, online_manifest
                         device=str(dev), start_step=start, final_step=final, steps_run=len(times),
                         last_loss=None if last is None else last["loss"],
                         mean_s_per_step=float(np.mean(times)) if times else None,
-                        rfm_on=rfm_active(final - 1, cfg.refine) if final else False,
+                        rfm_on=bool(final) and not cfg.train.supervised and rfm_active(final - 1, cfg.refine),
                         checkpoint=str(latest), metrics=str(metrics_path), samples=source.n_samples,
                         best_step=None if best is None else best[0], best_val_miou=None if best is None else best[1],
-                        best_checkpoint=None if best is None else str(out_dir / BEST_NAME))
+                        best_checkpoint=None if best is None else str(out_dir / BEST_NAME),
+                        supervised=cfg.train.supervised)
 
 
 def _validator(cfg: Config, val_manifest: str | Path | None, source: Source, decoder: WeCLIPDecoder,

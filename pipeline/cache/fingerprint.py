@@ -46,6 +46,11 @@ FINGERPRINT_KEYS = (
     "schema_version",  # CONTENT_VERSION: what the arrays hold (not the store format, SCHEMA_VERSION)
     "cam_normalisation",  # CAM_NORMALISATION of the code that made the cache
 )
+# Keys present only when their setting is on, so that the digests of caches made without it (and the checkpoints
+# trained on them) stay what they were.
+OPTIONAL_FINGERPRINT_KEYS = (
+    "gt_masks",  # true: every view's ground-truth mask crop is stored (extract.store_masks)
+)
 
 
 def canonical_json(value: Any) -> str:
@@ -59,13 +64,13 @@ def sha256_json(value: Any) -> str:
 
 def make_fingerprint(**parts: Any) -> dict[str, Any]:
     """The fingerprint dict: every key of FINGERPRINT_KEYS (schema_version and cam_normalisation, the code's,
-    filled in), plus `digest`.
+    filled in), those of OPTIONAL_FINGERPRINT_KEYS that are given, plus `digest`.
 
     Missing or unknown keys raise, so a new content-determining setting cannot be silently left out.
     """
     parts = {"schema_version": CONTENT_VERSION, "cam_normalisation": CAM_NORMALISATION, **parts}
     missing = [k for k in FINGERPRINT_KEYS if k not in parts]
-    unknown = sorted(set(parts) - set(FINGERPRINT_KEYS))
+    unknown = sorted(set(parts) - set(FINGERPRINT_KEYS) - set(OPTIONAL_FINGERPRINT_KEYS))
     if missing or unknown:
         raise TypeError(f"make_fingerprint: missing keys {missing}, unknown keys {unknown}")
     plain = _plain(parts)
@@ -123,6 +128,7 @@ def fingerprint_from_config(cfg: Config, *, grid: tuple[int, int], prompts: Sequ
         seed=cfg.extract.seed,
         augmentation=cfg.aug,
         manifest_sha256=manifest_sha256(manifest),
+        **({"gt_masks": True} if cfg.extract.store_masks else {}),
     )
 
 

@@ -18,6 +18,7 @@ Per-sample arrays, declared by `CacheSpec.arrays()` (ViT-B/16, crop 320: grid 20
     cam_classes  K_max              int16   class id per CAM slot, −1 = empty
     image        3 × crop × crop    uint8   the augmented crop
     valid        crop × crop        bool    false on padding
+    gt_mask      crop × crop        uint8   ground-truth mask crop, 255 = ignore and padding (only with `masks`)
 
 "float" is the cache dtype: float16 (default), float32 or bfloat16, which is what `features` and `attn` are stored as
 with storage "plain". Their other storages are 8-bit codings along the last axis (`pipeline.cache.quantize`):
@@ -43,6 +44,7 @@ from zarr.abc.codec import BytesBytesCodec
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from pipeline.cache import quantize
+from pipeline.config import IGNORE_INDEX
 from pipeline.errors import CacheError, ConfigError
 
 # The store's format (root attribute, commit records). 2: a crc32c checksum ends every chunk's codec chain.
@@ -109,8 +111,9 @@ class CacheSpec:
     """Shapes and layout of one cache; stored in the root attributes and compared on reopen.
 
     `grid` is the patch grid (h, w) of the crop; `dim` the token width D; `k_max` the most classes an image
-    of the dataset carries. The plan puts sample `row` in shard `row // samples_per_shard`. `features` and `attn`
-    have their own storage and compressor; `compressor` is every other array's.
+    of the dataset carries; `masks` whether the GT mask crop of every view is stored (`extract.store_masks`). The
+    plan puts sample `row` in shard `row // samples_per_shard`. `features` and `attn` have their own storage and
+    compressor; `compressor` is every other array's.
     """
     total_samples: int
     samples_per_shard: int
@@ -126,6 +129,7 @@ class CacheSpec:
     features_compressor: str | None = None  # None: `compressor`
     attn_storage: Storage = "plain"
     attn_compressor: str | None = None  # None: `compressor`
+    masks: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in FLOAT_DTYPES:
@@ -168,6 +172,8 @@ class CacheSpec:
             ArraySchema("image", (3, self.crop, self.crop), "uint8", 0, codec),
             ArraySchema("valid", (self.crop, self.crop), "bool", False, codec),
         )
+        if self.masks:
+            declared += (ArraySchema("gt_mask", (self.crop, self.crop), "uint8", IGNORE_INDEX, codec),)
         return {a.name: a for a in declared}
 
     def to_dict(self) -> dict[str, Any]:

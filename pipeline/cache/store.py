@@ -346,7 +346,8 @@ def _check_version(meta: dict[str, Any], root: CacheRoot) -> None:
 
 def _check_same(meta: dict[str, Any], spec: CacheSpec, fingerprint: dict[str, Any], root: CacheRoot) -> None:
     keys = [f"fingerprint.{k}" for k in fp.diff(meta["fingerprint"], fingerprint)]
-    keys += [f"spec.{k}" for k in fp.diff(meta["spec"], spec.to_dict())]
+    # read back through CacheSpec, so a field added since (with its default) differs only when it was set
+    keys += [f"spec.{k}" for k in fp.diff(CacheSpec.from_dict(meta["spec"]).to_dict(), spec.to_dict())]
     if keys:
         raise FingerprintMismatch(f"the cache at {_name(root)} was made with different settings: {', '.join(keys)} "
                                   "differ. Resuming needs identical settings; write to a new --out, or delete "

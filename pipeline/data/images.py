@@ -98,11 +98,19 @@ def load_rgb(path: str | Path) -> np.ndarray:
 def load_manifest_rgb(path: str | Path, height: int, width: int) -> np.ndarray:
     """`load_rgb` of an image a manifest recorded as height × width. A file that changed size since the manifest
     was built raises ImageDecodeError with reason `size_mismatch` (its message says to rebuild the manifest)."""
-    rgb = load_rgb(path)
-    if rgb.shape[:2] != (height, width):
-        raise ImageDecodeError(path, "size_mismatch", f"{rgb.shape[0]}x{rgb.shape[1]} (HxW), the manifest "
-                               f"says {height}x{width}; rebuild the manifest")
-    return rgb
+    return _manifest_sized(path, load_rgb(path), height, width)
+
+
+def load_manifest_mask(path: str | Path, height: int, width: int) -> np.ndarray:
+    """`load_mask` of the mask of an image a manifest recorded as height × width (`size_mismatch` as above)."""
+    return _manifest_sized(path, load_mask(path), height, width)
+
+
+def _manifest_sized(path: str | Path, pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    if pixels.shape[:2] != (height, width):
+        raise ImageDecodeError(path, "size_mismatch", f"{pixels.shape[0]}x{pixels.shape[1]} (HxW), the "
+                               f"manifest says {height}x{width}; rebuild the manifest")
+    return pixels
 
 
 def load_mask(path: str | Path) -> np.ndarray:

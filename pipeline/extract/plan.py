@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from pipeline.cache.fingerprint import fingerprint_from_config
 from pipeline.cache.schema import CacheSpec
+from pipeline.cache.store import first_few
 from pipeline.config import Config, ExtractConfig
 from pipeline.data.manifest import Manifest
 from pipeline.errors import BackboneError, ConfigError, DataError
@@ -23,12 +24,14 @@ from pipeline.model.text import ClassSet, manifest_class_set
 
 @dataclass(frozen=True)
 class PlannedImage:
-    """One manifest image as the plan sees it. `path` is absolute (workers may run elsewhere)."""
+    """One manifest image as the plan sees it. `path` is absolute (workers may run elsewhere), and so is `mask_path`,
+    the ground-truth mask, set only when the run stores mask crops (`extract.store_masks`)."""
     image_id: str
     path: str
     labels: tuple[int, ...]
     height: int
     width: int
+    mask_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,11 +94,26 @@ def make_plan(manifest: Manifest, cfg: Config, limit: int | None = None) -> Extr
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be a positive number of images, got {limit}")
     table = manifest.table.slice(0, limit)  # read column by column: no row objects for 100k-image manifests
-    ids, relative, labels, heights, widths = (table.column(name).to_pylist()
-                                              for name in ("image_id", "image_path", "labels", "height", "width"))
-    images = tuple(PlannedImage(i, path, tuple(lab), h, w)
-                   for i, path, lab, h, w in zip(ids, resolved_paths(manifest.root, relative), labels, heights, widths))
+    ids, relative, labels, heights, widths, masks = (
+        table.column(name).to_pylist() for name in ("image_id", "image_path", "labels", "height", "width", "mask_path"))
+    if cfg.extract.store_masks:
+        require_masks(manifest, ids, masks)
+        masks = resolved_paths(manifest.root, masks)
+    else:
+        masks = [None] * len(ids)
+    images = tuple(PlannedImage(i, path, tuple(lab), h, w, mask) for i, path, lab, h, w, mask
+                   in zip(ids, resolved_paths(manifest.root, relative), labels, heights, widths, masks))
     return ExtractPlan(images, cfg.extract.views, cfg.extract.samples_per_shard, manifest_class_set(manifest, cfg.text))
+
+
+def require_masks(manifest: Manifest, ids: Sequence[str], masks: Sequence[str | None]) -> None:
+    """`extract.store_masks` needs a ground-truth mask for every planned image; name the manifest and the first few
+    images without one."""
+    lacking = [i for i, mask in zip(ids, masks) if mask is None]
+    if lacking:
+        raise DataError(f"extract.store_masks (--store-masks) needs a mask for every image, but manifest "
+                        f"{manifest.path} has none for {len(lacking)} of {len(ids)} images ({first_few(lacking)}); "
+                        "build the manifest from a dataset with masks, or extract without --store-masks")
 
 
 def resolved_paths(root: str | Path, relative: Sequence[str]) -> list[str]:
@@ -155,5 +173,5 @@ def cache_layout(cfg: Config, plan: ExtractPlan, backbone: Backbone) -> tuple[di
                      grid=grid, dim=backbone.width, k_max=plan.k_max, crop=cfg.aug.crop, dtype=cfg.extract.dtype,
                      compressor=cfg.extract.compressor, features_storage=cfg.extract.features_storage,
                      features_compressor=cfg.extract.features_compressor, attn_storage=cfg.extract.attn_storage,
-                     attn_compressor=cfg.extract.attn_compressor)
+                     attn_compressor=cfg.extract.attn_compressor, masks=cfg.extract.store_masks)
     return fingerprint, spec

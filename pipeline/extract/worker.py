@@ -16,9 +16,9 @@ import torch
 
 from pipeline.cache.schema import CacheSpec
 from pipeline.cache.store import CacheWriter
-from pipeline.config import Config
+from pipeline.config import IGNORE_INDEX, Config
 from pipeline.data.augment import ViewParams, apply_view, draw_view, normalise, valid_mask
-from pipeline.data.images import ImageDecodeError, load_manifest_rgb
+from pipeline.data.images import ImageDecodeError, load_manifest_mask, load_manifest_rgb
 from pipeline.errors import ExtractError
 from pipeline.extract.plan import PlannedSample, ShardTask
 from pipeline.model.backbone import load_backbone
@@ -64,14 +64,29 @@ class ShardOutcome:
 ShardWorker = Callable[[ExtractJob, ShardTask], ShardOutcome]
 
 
-def decode_images(task: ShardTask) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
-    """RGB arrays of the task's images by id, and the skips ({image_id, reason, detail}) of those that fail."""
+@dataclass(frozen=True)
+class Decoded:
+    """One image of a shard, decoded: RGB H×W×3, and its H×W ground-truth mask when the run stores mask crops."""
+    rgb: np.ndarray
+    mask: np.ndarray | None = None
+
+
+def decode_images(task: ShardTask) -> tuple[dict[str, Decoded], list[dict[str, Any]]]:
+    """The task's images by id (with their masks, where the plan has mask paths), and the skips ({image_id, reason,
+    detail}) of those whose image or mask fails to decode."""
     decoded, skipped = {}, []
     for image in dict.fromkeys(s.image for s in task.samples):
         try:
-            decoded[image.image_id] = load_manifest_rgb(image.path, image.height, image.width)
+            rgb = load_manifest_rgb(image.path, image.height, image.width)
         except ImageDecodeError as err:  # reasons: image_missing, image_corrupt, ..., image_size_mismatch
             skipped.append({"image_id": image.image_id, "reason": f"image_{err.reason}", "detail": str(err)})
+            continue
+        try:
+            mask = None if image.mask_path is None else load_manifest_mask(image.mask_path, image.height, image.width)
+        except ImageDecodeError as err:  # mask_missing, mask_corrupt, ..., mask_size_mismatch
+            skipped.append({"image_id": image.image_id, "reason": f"mask_{err.reason}", "detail": str(err)})
+            continue
+        decoded[image.image_id] = Decoded(rgb, mask)
     return decoded, skipped
 
 
@@ -83,7 +98,8 @@ def sample_row(sample: PlannedSample, params: ViewParams) -> dict[str, Any]:
 
 def extract_shard(backbone: CLIPBackbone, text: TextEmbeddings, task: ShardTask, cfg: Config,
                   spec: CacheSpec) -> ShardData:
-    """Compute one shard: views → normalised crops → batched Softmax-Grad-CAM → cache dtype."""
+    """Compute one shard: views → normalised crops (and GT mask crops, `spec.masks`) → batched Softmax-Grad-CAM →
+    cache dtype."""
     decoded, skipped = decode_images(task)
     samples = [s for s in task.samples if s.image.image_id in decoded]
     params = [draw_view(cfg.extract.seed, s.image.image_id, s.view, s.image.height, s.image.width, cfg.aug)
@@ -92,8 +108,11 @@ def extract_shard(backbone: CLIPBackbone, text: TextEmbeddings, task: ShardTask,
     arrays = {name: np.empty((len(samples), *schema.shape), _host_dtype(schema.dtype))
               for name, schema in schemas.items()}
     for i, (sample, view) in enumerate(zip(samples, params)):
-        arrays["image"][i] = apply_view(decoded[sample.image.image_id], view).transpose(2, 0, 1)
+        image = decoded[sample.image.image_id]
+        arrays["image"][i] = apply_view(image.rgb, view).transpose(2, 0, 1)
         arrays["valid"][i] = valid_mask(view)
+        if spec.masks:  # the same geometry, nearest neighbour, padding = ignore (docs/algorithm.md §8.2)
+            arrays["gt_mask"][i] = apply_view(image.mask, view, nearest=True, fill=IGNORE_INDEX)
     step = cfg.extract.batch_size
     for start in range(0, len(samples), step):
         batch = slice(start, start + step)

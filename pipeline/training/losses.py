@@ -2,7 +2,8 @@
 
 Total = L_seg + λ·L_aff with λ = `LossConfig.aff_weight` (0.1, [PW] Tab. 11). Defaults follow the released
 code: bg/fg-balanced CE and the AFA-style linear affinity loss on a radius-8 window; the paper's plain CE and
-cross-entropy affinity loss are the `plain` and `bce` options (§9 rows 9–10).
+cross-entropy affinity loss are the `plain` and `bce` options (§9 rows 9–10). The fully supervised mode
+(`supervised_loss`, docs/algorithm.md §8.2) is plain CE against the GT mask alone.
 
 None of the terms is a mean per image: each is a sum over the batch's pixels (or pixel pairs) divided by a count
 taken over the whole batch. `count` maps a count of the images given to the count over the global batch: the
@@ -125,3 +126,12 @@ def total_loss(logits: Tensor, affinity: Tensor, label: Tensor, cfg: LossConfig 
     seg = seg_loss(logits, label, cfg.seg, ignore_index, count)
     aff = affinity_loss(affinity, affinity_label(label, grid, cfg.aff_radius, ignore_index), cfg.aff, count)
     return {"loss": seg + cfg.aff_weight * aff, "seg": seg, "aff": aff}
+
+
+def supervised_loss(logits: Tensor, mask: Tensor, ignore_index: int = IGNORE_INDEX,
+                    count: Count = local_count) -> dict[str, Tensor]:
+    """The fully supervised objective (§8.2, [PW] Tab. 7): plain CE of the upsampled logits against the B×H×W GT
+    mask, `ignore_index` (the mask's ignore label and the crop's padding) left out; no affinity term.
+    Returns {"loss", "seg"}."""
+    seg = seg_loss(logits, mask, "plain", ignore_index, count)
+    return {"loss": seg, "seg": seg}

@@ -52,13 +52,12 @@ def hflip_sample(sample: dict[str, np.ndarray], grid: tuple[int, int]) -> dict[s
     """Mirror one cached sample left-right, consistently in every array (docs/design.md §3.2 layouts).
 
     Patch n = r·w + c becomes r·w + (w−1−c): `features` (L×N×D) permute the token axis, `attn` (L×N×N) both
-    token axes; `cams` (K×h×w), `image` (3×H×W) and `valid` (H×W) reverse their last axis.
+    token axes; `cams` (K×h×w), `image` (3×H×W), `valid` (H×W) and the optional `gt_mask` (H×W) reverse their last
+    axis.
     """
     h, w = grid
     perm = (np.arange(h)[:, None] * w + np.arange(w)[::-1][None, :]).reshape(-1)
-    return {**sample,
-            "features": sample["features"][:, perm],
-            "attn": sample["attn"][:, perm][:, :, perm],
-            "cams": sample["cams"][..., ::-1],
-            "image": sample["image"][..., ::-1],
-            "valid": sample["valid"][..., ::-1]}
+    flipped = {"features": sample["features"][:, perm],
+               "attn": sample["attn"][:, perm][:, :, perm],
+               **{name: sample[name][..., ::-1] for name in ("cams", "image", "valid", "gt_mask") if name in sample}}
+    return {**sample, **flipped}

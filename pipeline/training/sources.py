@@ -102,7 +102,8 @@ class OnlineCrops(Dataset):
 @dataclass
 class StepBatch:
     """The inputs of one training step: features B×L×N×D, attn B×A×N×N, cams B×K×h×w, cam_classes B×K,
-    image B×3×H×W (normalised), valid B×H×W (false on padding; reported, not ignored: §0.1 item 8)."""
+    image B×3×H×W (normalised), valid B×H×W (false on padding; reported, not ignored: §0.1 item 8), and mask B×H×W
+    int64, the GT mask crops (`gt_mask`, 255 = ignore and padding) of a cache that stores them (`extract.store_masks`)."""
     features: torch.Tensor
     attn: torch.Tensor
     cams: torch.Tensor
@@ -110,6 +111,7 @@ class StepBatch:
     image: torch.Tensor
     valid: torch.Tensor
     grid: tuple[int, int]
+    mask: torch.Tensor | None = None
 
 
 class Source(Protocol):
@@ -147,6 +149,10 @@ class CachedSource:
         spec = reader.spec
         self.kind, self.fingerprint = "cache", reader.fingerprint
         self.in_layers, self.in_dim, self.grid, self.n_samples = spec.feature_layers, spec.dim, spec.grid, len(rows)
+        if cfg.train.supervised and not spec.masks:
+            raise TrainError(f"train.supervised (--supervised) learns from ground-truth mask crops, but the feature "
+                             f"cache at {cache_path} stores none; extract it with --store-masks (extract.store_masks) "
+                             "from a manifest with masks, or train without --supervised")
         if cfg.refine.static_layers > spec.attn_layers or cfg.refine.rfm_layers > spec.attn_layers:
             raise TrainError(f"refine.static_layers = {cfg.refine.static_layers} and refine.rfm_layers = "
                              f"{cfg.refine.rfm_layers} need that many attention maps, but the cache at {cache_path} "
@@ -162,7 +168,7 @@ class CachedSource:
         return StepBatch(features=dev("features"), attn=dev("attn"), cams=dev("cams"),
                          cam_classes=dev("cam_classes").long(),
                          image=normalise(dev("image"), self.cfg.model.normalisation), valid=dev("valid"),
-                         grid=self.grid)
+                         grid=self.grid, mask=dev("gt_mask").long() if "gt_mask" in item else None)
 
 
 class OnlineSource:
@@ -171,6 +177,9 @@ class OnlineSource:
         if cfg.train.views is not None:
             raise TrainError(f"train.views = {cfg.train.views} selects views of a feature cache; online training "
                              "draws a fresh view every epoch. Leave train.views unset with --online")
+        if cfg.train.supervised:
+            raise TrainError("train.supervised (--supervised) trains from the GT mask crops of a feature cache; "
+                             "online training has none. Extract with --store-masks and train with --cache")
         self.plan: ExtractPlan = make_plan(read_manifest(manifest_path), cfg)
         self.classes = self.plan.classes
         self.backbone = load_backbone(cfg.model, device, model_configs)

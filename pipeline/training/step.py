@@ -7,6 +7,8 @@
 
 On several processes (`world`, pipeline/training/distributed.py) the batch is this rank's rows of the global batch,
 the losses are its shares of the global batch's losses, and the returned metrics are those of the global batch.
+With `train.supervised` (docs/algorithm.md §8.2) the label is the batch's GT mask crop instead of M_p and the loss
+is plain CE alone (`supervised_loss`): no CAMs, RFM, PAR or affinity loss.
 """
 from __future__ import annotations
 
@@ -15,12 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import Config
+from pipeline.config import IGNORE_INDEX, Config
+from pipeline.errors import TrainError
 from pipeline.model.decoder import WeCLIPDecoder
 from pipeline.refinement.par import PAR
 from pipeline.refinement.pseudo_label import online_pseudo_label, rfm_active
 from pipeline.training.distributed import World
-from pipeline.training.losses import total_loss
+from pipeline.training.losses import supervised_loss, total_loss
 from pipeline.training.optim import PolyWarmup
 from pipeline.training.sources import StepBatch
 
@@ -32,10 +35,17 @@ def train_step(decoder: WeCLIPDecoder | torch.nn.Module, optimizer: torch.optim.
     decoder.train()
     lr = optimizer.param_groups[0]["lr"]
     out = decoder(batch.features, batch.grid)
-    use_rfm = rfm_active(step, cfg.refine)
-    labels = online_pseudo_label(batch.cams, batch.cam_classes, batch.attn, out.affinity, batch.image,
-                                 use_rfm=use_rfm, refine=cfg.refine, par=par)
-    losses = total_loss(out.logits, out.affinity, labels, cfg.loss, count=world.sum)
+    if cfg.train.supervised:
+        if batch.mask is None:
+            raise TrainError("train.supervised needs the batch's GT mask crops (a cache extracted with "
+                             "extract.store_masks)")
+        use_rfm, labels = False, batch.mask
+        losses = supervised_loss(out.logits, labels, count=world.sum)
+    else:
+        use_rfm = rfm_active(step, cfg.refine)
+        labels = online_pseudo_label(batch.cams, batch.cam_classes, batch.attn, out.affinity, batch.image,
+                                     use_rfm=use_rfm, refine=cfg.refine, par=par)
+        losses = total_loss(out.logits, out.affinity, labels, cfg.loss, count=world.sum)
     optimizer.zero_grad(set_to_none=True)
     (losses["loss"] * world.size).backward()  # DDP averages the ranks' gradients: this makes it their sum
     optimizer.step()
@@ -43,8 +53,9 @@ def train_step(decoder: WeCLIPDecoder | torch.nn.Module, optimizer: torch.optim.
     values = dict(zip(losses, world.sum(torch.stack([v.detach() for v in losses.values()])).tolist()))
     if not np.isfinite(values["loss"]):
         raise FloatingPointError(f"non-finite loss {values} at step {step}; the last checkpoint is the one to resume")
-    fractions = world.sum(torch.stack([(labels > 0).float().mean(), 1 - batch.valid.float().mean()])) / world.size
+    fractions = world.sum(torch.stack([((labels > 0) & (labels != IGNORE_INDEX)).float().mean(),
+                                     1 - batch.valid.float().mean()])) / world.size
     present = world.sum(torch.bincount(labels.flatten(), minlength=out.logits.shape[1]))
     return {"step": step, **values, "lr": lr, "rfm": use_rfm,
             "fg_fraction": float(fractions[0]), "pad_fraction": float(fractions[1]),
-            "classes": [v - 1 for v in present.nonzero().flatten().tolist() if v > 0]}
+            "classes": [v - 1 for v in present.nonzero().flatten().tolist() if 0 < v != IGNORE_INDEX]}

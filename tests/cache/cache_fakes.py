@@ -6,10 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pytest
 
 from pipeline.cache.fingerprint import make_fingerprint
-from pipeline.cache.schema import ArraySchema, CacheSpec
+from pipeline.cache.schema import CacheSpec
 
 VIEWS = 2
 IMAGES = 5
@@ -32,17 +31,9 @@ def tiny_fingerprint(**overrides: Any) -> dict[str, Any]:
     return make_fingerprint(**{**parts, **overrides})
 
 
-def declare_gt_mask(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Declare one more array the way a supervised mode would, as one more `CacheSpec.arrays()` entry: the GT
-    mask crop (uint8 class ids, 255 = ignore)."""
-    declared = CacheSpec.arrays
-    monkeypatch.setattr(CacheSpec, "arrays", lambda self: {
-        **declared(self), "gt_mask": ArraySchema("gt_mask", (self.crop, self.crop), "uint8", 255, self.compressor)})
-
-
 def sample_arrays(spec: CacheSpec, row: int) -> dict[str, np.ndarray]:
     """One sample's arrays, a pure function of its row; floats are float32 (the writer casts). Includes
-    `gt_mask` when the spec declares it (`declare_gt_mask`)."""
+    `gt_mask` when the spec stores GT mask crops (`masks`)."""
     rng = np.random.default_rng(1000 + row)
     n = spec.grid[0] * spec.grid[1]
     classes = np.full(spec.k_max, -1, np.int16)

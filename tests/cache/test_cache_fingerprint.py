@@ -118,3 +118,13 @@ def test_manifest_hash_is_the_canonical_json_of_id_label_pairs():
     manifest = [("2008_000123", (1, 14)), ("é-unicode", ()), ("x", [3])]
     assert manifest_sha256(manifest) == hashlib.sha256(
         json.dumps([[i, list(l)] for i, l in manifest], separators=(",", ":")).encode()).hexdigest()
+
+
+def test_stored_masks_add_a_key_and_leave_other_digests_alone():
+    kw = dict(grid=(20, 20), prompts=["a clean origami cat."], class_names=["cat"], manifest=[("2007_000032", [0])])
+    cfg = preset("voc")
+    base = fingerprint_from_config(cfg, **kw)
+    assert "gt_masks" not in base  # a cache without masks keeps the digest it had before the option existed
+    assert base["digest"] == sorted_json_sha256({k: v for k, v in base.items() if k != "digest"})
+    masked = fingerprint_from_config(cfg.replace(extract={"store_masks": True}), **kw)
+    assert masked["gt_masks"] is True and diff(base, masked) == ["gt_masks"]

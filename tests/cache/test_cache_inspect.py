@@ -35,10 +35,9 @@ def test_inspect_small_cache(tmp_path):
     assert fp["digest"][:16] in text
 
 
-def test_inspect_lists_every_array_the_spec_declares(tmp_path, monkeypatch):
-    fk.declare_gt_mask(monkeypatch)
+def test_inspect_lists_every_array_the_spec_declares(tmp_path):
     root = tmp_path / "cache"
-    spec = fk.tiny_spec()
+    spec = fk.tiny_spec(masks=True)
     writer = CacheWriter.create_or_open(str(root), spec, fk.tiny_fingerprint())
     for s in range(spec.n_shards):
         writer.write_shard(s, *fk.shard_inputs(spec, s))

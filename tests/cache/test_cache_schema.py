@@ -155,3 +155,28 @@ def test_bad_storage_settings_are_config_errors():
         fk.tiny_spec(attn_compressor="gzip")
     with pytest.raises(ConfigError, match="'valid' of dtype bool cannot have storage 'uint8'"):
         dataclasses.replace(fk.tiny_spec().arrays()["valid"], storage="uint8")
+
+
+def test_gt_mask_crops_are_an_optional_array():
+    assert "gt_mask" not in fk.tiny_spec().arrays()
+    arrays = fk.tiny_spec(masks=True).arrays()
+    assert list(arrays) == [*ARRAY_NAMES, "gt_mask"]  # appended: the other arrays' order and checksums stay
+    mask = arrays["gt_mask"]
+    assert (mask.shape, mask.dtype, mask.fill, mask.sample_nbytes) == ((32, 32), "uint8", 255, 32 * 32)
+
+
+def test_a_spec_recorded_before_masks_existed_reopens(tmp_path):
+    """A cache whose recorded spec has no `masks` key (made before the field) resumes without a mismatch."""
+    import zarr
+    from pipeline.cache.schema import ROOT_ATTR
+    from pipeline.cache.store import CacheWriter
+
+    spec, fingerprint = fk.tiny_spec(), fk.tiny_fingerprint()
+    CacheWriter.create_or_open(str(tmp_path), spec, fingerprint)
+    group = zarr.open_group(str(tmp_path), mode="r+")
+    meta = dict(group.attrs[ROOT_ATTR])
+    meta["spec"] = {k: v for k, v in meta["spec"].items() if k != "masks"}
+    group.attrs[ROOT_ATTR] = meta
+    assert CacheWriter.create_or_open(str(tmp_path), spec, fingerprint).spec == spec
+    with pytest.raises(CacheError, match="spec.masks"):
+        CacheWriter.create_or_open(str(tmp_path), fk.tiny_spec(masks=True), fingerprint)

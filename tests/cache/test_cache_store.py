@@ -459,8 +459,8 @@ def test_shard_checksum_covers_the_arrays_in_spec_order(root, spec, fingerprint)
     assert CacheReader(root).tables.shards.column("checksum").to_pylist()[0] == want
 
 
-def test_an_array_declared_by_the_spec_is_written_indexed_and_read(tmp_path, spec, fingerprint, monkeypatch):
-    fk.declare_gt_mask(monkeypatch)
+def test_an_array_declared_by_the_spec_is_written_indexed_and_read(tmp_path, fingerprint):
+    spec = fk.tiny_spec(masks=True)  # the optional GT mask crops
     root = tmp_path / "cache"
     write_all(str(root), spec, fingerprint, skip=frozenset({"img3"})).finalize()
     reader = CacheReader(str(root))
