@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.stages import eval_fakes as ef
-from tests.test_cli import user_error
+from tests.test_cli import run_cli, user_error
 
 from pipeline.config import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.data.images import load_mask, load_rgb
@@ -140,3 +140,13 @@ def test_cli_bad_templates_file_is_one_error_line(world, tmp_path, capsys):
     empty.write_text("\n")
     err = user_error(["prompts", str(world["manifest"]), "--templates", str(empty)], capsys)
     assert f"templates file {empty} holds no template" in err and err.count("\n") == 1
+
+
+def test_cli_writes_the_table_with_the_softmax_asked_for(world, tmp_path):
+    out = tmp_path / "table.csv"
+    code, stdout, _ = run_cli(["prompts", str(world["manifest"]), "--templates", str(world["templates"]), "-o",
+                               str(out), "--softmax", "labels", "--set", "model.name=tiny-vit",
+                               "--set", "model.pretrained=null"])
+    assert code == 0 and "softmax over labels" in stdout and f"table written to {out}" in stdout
+    assert [r["template"] for r in csv.DictReader(out.open())] == [
+        line.split("|")[2].strip() for line in stdout.splitlines() if line.startswith("|") and line[2:6].strip().isdigit()]
