@@ -12,7 +12,8 @@ test suite runs so that the script cannot rot.
 4. `gradcam`: Softmax-Grad-CAM of the same batch on the device and on the CPU (fp32, TF32 off), max abs difference
    against `--tolerance`, and both times.
 
-Random weights throughout (nothing can be downloaded on the device machine; the cost does not depend on them).
+Random weights throughout (nothing can be downloaded on the device machine; the cost does not depend on them). The
+JSON is rewritten after each part, `"complete": true` only after the last.
 
     benchmarks/device_check.sh [--out benchmarks/results/device_check.json]       # on the GPU machine
     benchmarks/device_check.sh --smoke --out /tmp/device_check_smoke.json         # CPU, tiny model, < 1 minute
@@ -141,24 +142,28 @@ def main() -> None:
     started = time.perf_counter()
     result: dict[str, Any] = {"smoke": smoke, "device": str(device), "model": cfg.model.name, "crop": cfg.aug.crop,
                               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                              "torch": torch.__version__, "platform": platform.platform()}
+                              "torch": torch.__version__, "platform": platform.platform(), "complete": False}
+
+    def record(section: str, value: Any) -> None:
+        """Rewrite the JSON after every section, so that a run stopped by the time limit keeps what it measured."""
+        result[section] = value
+        result["seconds"] = time.perf_counter() - started
+        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="weclip-device-check-") as tmp:
         root = Path(tmp)
-        result["extract"] = extract_check(cfg, args, device, root)
+        record("extract", extract_check(cfg, args, device, root))
         manifest, cache, extract_s = train_step.build_cache(cfg, root / "train", images, args.classes, args.seed,
                                                             in_child=not smoke)
-        result["train"] = {**train_step.measure(cfg, root / "train", manifest, cache, rounds, memory_steps, device),
-                           "cache_extract_s": extract_s, "images": images}
+        record("train", {**train_step.measure(cfg, root / "train", manifest, cache, rounds, memory_steps, device),
+                         "cache_extract_s": extract_s, "images": images})
         reader = reader_check(cfg, cache, device, workers, steps)
         consumed = cfg.train.batch_size / result["train"]["cached_s_per_step"]
-        result["reader"] = {**reader, "train_consumes_samples_per_s": consumed,
-                            "headroom": reader["samples_per_s"] / consumed}
-    result["gradcam"] = gradcam_check(cfg, device, 2 if smoke else 8, args.classes, args.tolerance, args.seed)
-    result["seconds"] = time.perf_counter() - started
-    text = json.dumps(result, indent=2) + "\n"
-    atomic_write_text(args.out, text)
-    print(text, end="")
-
+        record("reader", {**reader, "train_consumes_samples_per_s": consumed,
+                          "headroom": reader["samples_per_s"] / consumed})
+    record("gradcam", gradcam_check(cfg, device, 2 if smoke else 8, args.classes, args.tolerance, args.seed))
+    record("complete", True)
+    print(args.out.read_text(), end="")
 
 if __name__ == "__main__":
     main()

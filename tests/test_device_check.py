@@ -21,7 +21,8 @@ def test_smoke_mode_writes_every_measurement(tmp_path):
     assert child.returncode == 0, child.stderr[-3000:]
     result = json.loads(out.read_text())
     assert json.loads(child.stdout) == result
-    assert result["smoke"] is True and result["device"] == "cpu" and result["model"] == "weclip-tiny"
+    assert result["complete"] is True and result["smoke"] is True and result["device"] == "cpu"
+    assert result["model"] == "weclip-tiny"
     assert sorted(result["extract"]) == ["bf16", "fp16"]
     for extract in result["extract"].values():
         assert extract["extract_views_per_s"] > 0 and extract["forward_views_per_s"] > 0

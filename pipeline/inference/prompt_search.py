@@ -4,7 +4,7 @@ and optionally the raw-CAM mIoU of each template against the manifest's masks.
 Every image is read once and passed through the backbone at CLIP-ES's input (`clipes_tensor`: bicubic resize to
 multiples of the patch, CLIP-ES statistics, §5.1). The image embedding does not depend on the template, so the
 sharpness of any number of templates costs one image forward each plus one text encoding per template. The raw-CAM
-mIoU needs one Softmax-Grad-CAM per (image, template): the CAMs of the image's classes (§4), bilinear to the image
+mIoU needs one Softmax-Grad-CAM per (image, template), blocks 1..n-1 shared between the templates: the CAMs of the image's classes (§4), bilinear to the image
 size, labels = argmax of [(1 − max CAM)^p, CAMs] with p = `refine.bg_power` (§5.3), no CAA, no CRF.
 """
 from __future__ import annotations
@@ -75,9 +75,10 @@ def score_templates(cfg: Config, data: Manifest, templates: Sequence[str], devic
         embeddings.append(backbone.encode_image(x))
         if cam_miou:
             gt = read_gt(data, row)
+            frozen = backbone.forward_frozen(x, token_layers=(), attn_layers=())  # shared by every template
             for template, matrix in matrices.items():
                 cams = softmax_gradcam(backbone, x, [list(row.labels)], texts[template], feature_layers=(),
-                                       attn_layers=())
+                                       attn_layers=(), frozen=frozen)
                 labels = cams_to_labels(upsample_cams(cams.cams, rgb.shape[:2]), cams.cam_classes,
                                         cfg.refine.bg_power)
                 matrix.update(labels[0].cpu().numpy(), gt)
