@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import sys
+import typing
 from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
@@ -20,8 +21,8 @@ from typing import Any, Optional
 
 import typer
 
-from pipeline.config import PRESETS, Config, ManifestSettings, Settings, apply_config_file, dump_config, leaves, \
-    load_config_file, preset as load_preset, set_field
+from pipeline.config import PRESETS, Config, ManifestSettings, Settings, SharpnessSoftmax, apply_config_file, \
+    dump_config, leaves, load_config_file, preset as load_preset, set_field
 from pipeline.errors import ConfigError, WeclipError
 from pipeline.files import json_object_option, require_local
 
@@ -92,6 +93,7 @@ Format = _choice("Format", ("voc", "coco", "folder", "shapes"))  # pipeline.data
 LabelSource = _choice("LabelSource", ("mask", "xml", "json"))  # the layouts' labels_from, all formats together
 Executor = _choice("Executor", ("ray", "inline"))  # stages.extract.Executor
 Source = _choice("Source", ("clip-es", "weclip"))  # stages.pseudo.SOURCES
+SoftmaxOver = _choice("SoftmaxOver", typing.get_args(SharpnessSoftmax))  # text.sharpness_softmax
 TextFormat = _choice("TextFormat", ("yaml", "json"))
 
 PresetOpt = typer.Option(Preset("voc"), "--preset", help="Config preset (shapes: the embedded demo world).")
@@ -427,6 +429,36 @@ def pseudo(
 
     _print(stage.run(manifest, out_dir, cfg=cfg, source=source.value, checkpoint=checkpoint, workers=workers,
                      visualize=visualize, device=device, progress=_progress(), pretrained=pretrained))
+
+
+@app.command()
+def prompts(
+    manifest: Path = typer.Argument(..., help="Manifest with image-level labels (masks too for --cam-miou)."),
+    templates: str = typer.Option("builtin", "--templates", help="A text file of one template per line, each with "
+                                  "one {} for the class name, or 'builtin': 20 of CLIP's ImageNet templates and "
+                                  "CLIP-ES's 'a clean origami {}.'."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Write the ranked table: .csv (template, sharpness, "
+                                      "cam_miou) or .json (the whole report)."),
+    cam_miou: bool = typer.Option(False, "--cam-miou", help="Also score each template's raw Softmax-Grad-CAMs "
+                                  "against the masks (one Grad-CAM per image and template) and print the Spearman "
+                                  "correlation with sharpness."),
+    softmax: Optional[SoftmaxOver] = typer.Option(None, "--softmax", help="What the sharpness softmax runs over: cam "
+                                                  "(the image's classes + background prompts, as its Grad-CAM), "
+                                                  "all (every class + background prompts), labels (the image's "
+                                                  "classes only). Default: text.sharpness_softmax."),
+    preset: Preset = PresetOpt,
+    device: Optional[str] = DeviceOpt,
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Rank prompt templates by CLIP-ES's sharpness (lowest first) with the frozen backbone; only labels needed."""
+    cfg = _config(preset, set_, config)
+    if softmax is not None:
+        cfg = cfg.replace(text={"sharpness_softmax": softmax.value})
+    table = None if out is None else require_local(out, "table path")
+    from stages import prompts as stage
+
+    _print(stage.run(cfg, manifest, templates, table, cam_miou=cam_miou, device=device, progress=_progress()))
 
 
 @app.command()

@@ -116,18 +116,18 @@ def interleaved_seconds(cfg: Config, cache: Path, manifest_path: Path, rounds: i
                         ) -> dict[str, list[float]]:
     """Seconds of (fetch + prepare + `train_step`) per step for each source, alternating cached and online steps
     so that both see the same machine load (the CPU here is shared); round 0 is a warm-up and is dropped."""
-    sources = {"cached": sources.CachedSource(cfg, cache, device),
-               "online": sources.OnlineSource(cfg, manifest_path, device)}
+    runs = {"cached": sources.CachedSource(cfg, cache, device),
+            "online": sources.OnlineSource(cfg, manifest_path, device)}
     state = {}
-    for name, source in sources.items():
+    for name, source in runs.items():
         torch.manual_seed(cfg.train.seed)
-        decoder = WeCLIPDecoder(source.in_layers, source.in_dim, len(source.class_names) + 1, cfg.decoder).to(device)
+        decoder = WeCLIPDecoder(source.in_layers, source.in_dim, source.classes.num_classes + 1, cfg.decoder).to(device)
         optimizer = build_optimizer(decoder.parameters(), cfg.train)
         state[name] = (source.dataset(0, rounds + 1), decoder, optimizer, PolyWarmup(optimizer, cfg.train),
                        PAR(cfg.par))
-    seconds: dict[str, list[float]] = {name: [] for name in sources}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
     for step in range(rounds + 1):
-        for name, source in sources.items():
+        for name, source in runs.items():
             dataset, decoder, optimizer, scheduler, par = state[name]
             _sync(device)
             start = time.perf_counter()
@@ -142,6 +142,47 @@ def interleaved_seconds(cfg: Config, cache: Path, manifest_path: Path, rounds: i
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def bench_config(base: Config, model: str, crop: int, batch: int, seed: int) -> Config:
+    """`base` with random weights of `model`, one view per image, no loader processes and no checkpoints."""
+    return base.replace(model={"name": model, "pretrained": None, "init_seed": seed}, aug={"crop": crop},
+                        extract={"views": 1, "seed": seed},
+                        train={"batch_size": batch, "loader_workers": 0, "checkpoint_every": 10**9})
+
+
+def build_cache(cfg: Config, root: Path, images: int, classes: int, seed: int,
+                in_child: bool = True) -> tuple[Path, Path, float]:
+    """The noise manifest under root/data and its cache root/cache, extracted in a spawned child process (so that
+    the backbone is not resident here; `in_child=False`: in this process); returns (manifest, cache, seconds)."""
+    manifest_path = build_manifest(root / "data", images, classes, seed)
+    started = time.perf_counter()
+    if not in_child:
+        _extract(cfg, manifest_path, root / "cache")
+        return manifest_path, root / "cache", time.perf_counter() - started
+    child = multiprocessing.get_context("spawn").Process(target=_extract, args=(cfg, manifest_path, root / "cache"))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise SystemExit(f"extract failed in the child process (exit code {child.exitcode})")
+    return manifest_path, root / "cache", time.perf_counter() - started
+
+
+def measure(cfg: Config, root: Path, manifest_path: Path, cache: Path, rounds: int, memory_steps: int,
+            device: torch.device) -> dict[str, Any]:
+    """Peak memory of a cached and an online run, then the interleaved step timings (see the module doc)."""
+    cached_mb = peak_memory(cfg, cache, root / "cached", memory_steps, device)
+    online_mb = peak_memory(cfg, None, root / "online", memory_steps, device, online_manifest=manifest_path)
+    seconds = interleaved_seconds(cfg, cache, manifest_path, rounds, device)
+    cached_s, online_s = statistics.median(seconds["cached"]), statistics.median(seconds["online"])
+    return {
+        "cached_s_per_step": cached_s, "online_s_per_step": online_s, "speedup": online_s / cached_s,
+        "cached_peak_mb": cached_mb, "online_peak_mb": online_mb,
+        "cached_steps_s": seconds["cached"], "online_steps_s": seconds["online"],
+        "model": cfg.model.name, "crop": cfg.aug.crop, "batch": cfg.train.batch_size, "device": str(device),
+        "rfm_at_timed_steps": [rfm_active(step, cfg.refine) for step in range(1, rounds + 1)],
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
@@ -160,32 +201,13 @@ def main() -> None:
 
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    cfg = preset("voc").replace(model={"name": args.model, "pretrained": None, "init_seed": args.seed},
-                                aug={"crop": args.crop}, extract={"views": 1, "seed": args.seed},
-                                train={"batch_size": args.batch, "loader_workers": 0, "checkpoint_every": 10**9})
+    cfg = bench_config(preset("voc"), args.model, args.crop, args.batch, args.seed)
     with tempfile.TemporaryDirectory(prefix="weclip-train-bench-") as tmp:
         root = Path(tmp)
-        manifest_path = build_manifest(root / "data", args.images, args.classes, args.seed)
-        started = time.perf_counter()
-        child = multiprocessing.get_context("spawn").Process(target=_extract, args=(cfg, manifest_path, root / "cache"))
-        child.start()
-        child.join()
-        if child.exitcode != 0:
-            raise SystemExit(f"extract failed in the child process (exit code {child.exitcode})")
-        extract_s = time.perf_counter() - started
-        cached_mb = peak_memory(cfg, root / "cache", root / "cached", args.memory_steps, device)
-        online_mb = peak_memory(cfg, None, root / "online", args.memory_steps, device, online_manifest=manifest_path)
-        seconds = interleaved_seconds(cfg, root / "cache", manifest_path, args.rounds, device)
-    cached_s, online_s = statistics.median(seconds["cached"]), statistics.median(seconds["online"])
-    print(json.dumps({
-        "cached_s_per_step": cached_s, "online_s_per_step": online_s, "speedup": online_s / cached_s,
-        "cached_peak_mb": cached_mb, "online_peak_mb": online_mb,
-        "cached_steps_s": seconds["cached"], "online_steps_s": seconds["online"],
-        "extract_s": extract_s, "images": args.images, "model": args.model, "crop": args.crop, "batch": args.batch,
-        "classes_per_image": args.classes, "device": str(device),
-        "rfm_at_timed_steps": [rfm_active(step, cfg.refine) for step in range(1, args.rounds + 1)],
-        "torch_threads": torch.get_num_threads(),
-    }, indent=2))
+        manifest_path, cache, extract_s = build_cache(cfg, root, args.images, args.classes, args.seed)
+        result = measure(cfg, root, manifest_path, cache, args.rounds, args.memory_steps, device)
+    print(json.dumps({**result, "extract_s": extract_s, "images": args.images, "classes_per_image": args.classes},
+                     indent=2))
 
 
 if __name__ == "__main__":

@@ -162,6 +162,9 @@ class ModelConfig(Section):
     init_seed: NonNegInt = 0  # torch seed of a random init (pretrained=None): every extract worker builds the same weights
 
 
+SharpnessSoftmax = Literal["cam", "all", "labels"]
+
+
 @dataclass(frozen=True)
 class TextConfig(Section):
     template: str = "a clean origami {}."  # [PW] supplement writes "a clear origami"; code says "clean"
@@ -170,6 +173,10 @@ class TextConfig(Section):
     classes: Literal["voc", "coco", "shapes"] = "voc"
     # Background prompt names replacing the class set's own (VOC's for a custom class list); None keeps them.
     background: tuple[str, ...] | None = None
+    # `weclip prompts`: what the softmax of CLIP-ES's sharpness ([PC] Eq. 5) runs over (docs/algorithm.md §3.4):
+    # cam = the image's classes + background prompts, the scores its Grad-CAM differentiates; all = every class +
+    # background prompts ([PC] Eq. 3); labels = the image's classes only
+    sharpness_softmax: SharpnessSoftmax = "cam"
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,7 @@ def test_version_is_the_package_version(capsys, monkeypatch):
     (["extract"], "voc|coco|shapes"),
     (["train"], "voc|coco|shapes"),
     (["pseudo"], "clip-es|weclip"),
+    (["prompts"], "cam|all|labels"),
     (["demo"], "ray|inline"),
     (["config", "show"], "yaml|json"),
 ])
@@ -150,6 +151,7 @@ def test_a_value_outside_the_choices_is_refused(tmp_path):
 def test_the_choices_are_the_stages_own_names():
     """cli.py spells the names out (their modules import torch); each must equal its source."""
     from pipeline.data.registry import LAYOUTS, names
+    from pipeline.model import prompts
     from stages import extract, pseudo
 
     def values(choice):
@@ -159,6 +161,7 @@ def test_the_choices_are_the_stages_own_names():
     assert set(values(cli.LabelSource)) == {s for entry in LAYOUTS.values() for s in entry.labels_from}
     assert values(cli.Executor) == typing.get_args(extract.Executor)
     assert values(cli.Source) == pseudo.SOURCES
+    assert values(cli.SoftmaxOver) == prompts.SOFTMAX_OVER
     assert values(cli.Preset) == tuple(PRESETS)
 
 
@@ -167,7 +170,8 @@ def test_help_imports_no_torch():
     script = (
         "import sys, cli\n"
         "for argv in (['--help'], *[[name, '--help'] for name in "
-        "('manifest', 'extract', 'inspect', 'train', 'evaluate', 'infer', 'pseudo', 'plot', 'demo', 'toy-clip')],"
+        "('manifest', 'extract', 'inspect', 'train', 'evaluate', 'infer', 'pseudo', 'prompts', 'plot', 'demo', "
+        "'toy-clip')],"
         " ['config', 'show', '--help']):\n"
         "    try:\n"
         "        cli.main(argv)\n"

@@ -129,6 +129,14 @@ def cam_panels_of(predictor: Predictor, rgb: np.ndarray, labels: Sequence[int], 
     return cam_panels(rgb, maps.cams.cpu().numpy(), maps.refined.cpu().numpy(), maps.pseudo.cpu().numpy())
 
 
+def clipes_tensor(backbone: CLIPBackbone, rgb: np.ndarray, cfg: Config) -> torch.Tensor:
+    """CLIP-ES's network input of an H×W×3 uint8 image, 1×3×H'×W' on the backbone's device: bicubic resize to
+    multiples of the patch size (§5.1) and the statistics of `eval.clipes_normalisation` ("preset": the model's)."""
+    stats = cfg.model.normalisation if cfg.eval.clipes_normalisation == "preset" else cfg.eval.clipes_normalisation
+    resized = torch.from_numpy(np.array(clipes_input(rgb, backbone.patch_size)))  # a writable copy
+    return normalise(resized.permute(2, 0, 1)[None].to(backbone.device), stats)
+
+
 def clipes_predictor(cfg: Config, classes: ClassSet, device: torch.device, model_configs: Sequence[str | Path],
                      visualize: int, panels: dict[str, dict[str, np.ndarray]]):
     """predict((index, row, rgb)) → the CLIP-ES CrfJob of a manifest image: bicubic resize to a multiple of the patch
@@ -136,12 +144,10 @@ def clipes_predictor(cfg: Config, classes: ClassSet, device: torch.device, model
     CLIP-ES's parameters and confidence threshold (§5.3). Keeps the CAM panels of the first `visualize` images."""
     backbone = load_backbone(cfg.model, device, model_configs)
     text = text_embeddings(backbone, classes, cfg.text.template)
-    stats = cfg.model.normalisation if cfg.eval.clipes_normalisation == "preset" else cfg.eval.clipes_normalisation
 
     def predict(item: tuple[int, ManifestRow, np.ndarray]) -> CrfJob:
         index, row, rgb = item
-        resized = torch.from_numpy(np.array(clipes_input(rgb, backbone.patch_size)))  # a writable copy
-        x = normalise(resized.permute(2, 0, 1)[None].to(backbone.device), stats)
+        x = clipes_tensor(backbone, rgb, cfg)
         maps = clipes_cam_scores(backbone, text, x, row.labels, rgb.shape[:2], cfg.refine)
         if index < visualize:
             panels[row.image_id] = cam_panels(rgb, maps.cams.cpu().numpy(), maps.refined.cpu().numpy())

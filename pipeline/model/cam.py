@@ -148,16 +148,19 @@ def _slot_classes(labels: Sequence[Sequence[int]], k_max: int, device: torch.dev
 
 def softmax_gradcam(backbone: CLIPBackbone, images: torch.Tensor, labels: Sequence[Sequence[int]],
                     text: TextEmbeddings, feature_layers: Sequence[int], attn_layers: Sequence[int],
-                    k_max: int | None = None) -> CamBatch:
+                    k_max: int | None = None, frozen: FrozenFeatures | None = None) -> CamBatch:
     """Batched Softmax-Grad-CAM of normalised images B×3×H×W.
 
     labels: per image, ascending 0-based fg class ids (at least one). feature_layers / attn_layers: 1-based blocks
     to return (block n allowed). k_max: CAM slots per image (default: the largest label count in the batch).
     Target of slot j: softmax over [present classes + all background prompts] of logit_scale·cos
     (docs/algorithm.md §3.2 step 6, §4); CAM layer: ln_1 output of the last block (§4 step 1).
+    frozen: `backbone.forward_frozen(images, ...)` computed by the caller, holding at least the requested blocks
+    below n, to share blocks 1..n-1 between calls with other text sets (`weclip prompts` scores many templates).
     """
     slots = _check_request(backbone, images, labels, text, feature_layers, attn_layers, k_max)
-    frozen = _frozen_request(backbone, images, feature_layers, attn_layers)
+    if frozen is None:
+        frozen = _frozen_request(backbone, images, feature_layers, attn_layers)
     u, tokens_out, attn_out = backbone.last_block(frozen.last)
     features, attn = _assemble(backbone, frozen, tokens_out, attn_out, feature_layers, attn_layers)
     grid = frozen.grid

@@ -175,6 +175,16 @@ def test_one_image_alone_gives_the_same_cams_as_in_a_batch(backbone: FrozenCLIP)
     torch.testing.assert_close(together[2], alone[0], atol=1e-5, rtol=0)
 
 
+def test_a_shared_frozen_pass_gives_the_same_cams_for_every_text_set(backbone: FrozenCLIP) -> None:
+    x, labels = images(2, 32, 48), [[0, 3], [1]]
+    frozen = backbone.forward_frozen(x, token_layers=(), attn_layers=())
+    for seed in (0, 1):  # two text sets, as two templates give, on one frozen pass
+        text = random_text(classes=4, background=3, dim=backbone.embed_dim, seed=seed)
+        fresh = softmax_gradcam_loop(backbone, x, labels, text, (), ()).cams
+        shared = softmax_gradcam(backbone, x, labels, text, (), (), frozen=frozen).cams
+        torch.testing.assert_close(shared, fresh, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("labels, match", [
     ([[1, 0], [2]], "ascending"),
     ([[], [2]], "at least one"),
