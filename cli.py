@@ -21,10 +21,10 @@ from typing import Any, Optional
 
 import typer
 
-from pipeline.config import PRESETS, Config, ManifestSettings, Settings, SharpnessSoftmax, apply_config_file, \
+from weclip.pipeline.config import PRESETS, Config, ManifestSettings, Settings, SharpnessSoftmax, apply_config_file, \
     dump_config, leaves, load_config_file, preset as load_preset, set_field
-from pipeline.errors import ConfigError, WeclipError
-from pipeline.files import json_object_option, require_local
+from weclip.pipeline.errors import ConfigError, WeclipError
+from weclip.pipeline.files import json_object_option, require_local
 
 app = typer.Typer(
     add_completion=False,
@@ -127,7 +127,7 @@ def _command_line() -> str:
 def _use_storage_options(text: Optional[str]) -> None:
     """`--storage-options`: the fsspec options every URL of this command (and its workers) is opened with."""
     if text is not None:
-        from pipeline import storage
+        from weclip.pipeline import storage
 
         storage.use_storage_options(json_object_option(text, "--storage-options",
                                                        '{"endpoint_url": "http://HOST:9000"}'))
@@ -178,7 +178,7 @@ def _checkpoint_config(checkpoint: Path, config_file: Optional[Path], overrides:
                               "eval section; override eval.* fields (e.g. --set eval.crf=true) or model.pretrained")
     if config_file is None and not evals:
         return None, pretrained
-    from pipeline.training.checkpoint import load_checkpoint
+    from weclip.pipeline.training.checkpoint import load_checkpoint
 
     return _settings(load_checkpoint(checkpoint).config, config_file, evals), pretrained
 
@@ -229,7 +229,7 @@ def manifest(
     _use_storage_options(storage_options)
     settings = _settings(ManifestSettings(), config, set_)
     target = require_local(out, "manifest path")
-    from stages import manifest as stage
+    from weclip.stages import manifest as stage
 
     summary = stage.run(fmt.value, root, target, split=split, list_file=_from_cwd(list_file),
                         labels_from=None if labels_from is None else labels_from.value, class_set=class_set,
@@ -277,8 +277,8 @@ def extract(
         cfg = cfg.replace(extract={"views": views})
     if store_masks:
         cfg = cfg.replace(extract={"store_masks": True})
-    from pipeline.extract import ray_runner
-    from stages import extract as stage
+    from weclip.pipeline.extract import ray_runner
+    from weclip.stages import extract as stage
 
     _print(stage.run(cfg.replace(extract=ray_runner.resource_overrides(cpus_per_task, gpus_per_task)), manifest, out,
                      executor=executor.value, ray_address=ray_address, limit=limit, progress=_progress(),
@@ -293,7 +293,7 @@ def inspect(cache: str = typer.Argument(..., help="Cache path or fsspec URL."),
             storage_options: Optional[str] = StorageOpt) -> None:
     """Show a cache's fingerprint, counts, bytes per sample, skipped images and damaged shards."""
     _use_storage_options(storage_options)
-    from stages import inspect as stage
+    from weclip.stages import inspect as stage
 
     _print(stage.run(cache, verify=verify))
 
@@ -328,7 +328,7 @@ def train(
 
     Same steps, losses and checkpoints on 1 or N processes (--nproc N, or under torchrun)."""
     _use_storage_options(storage_options)
-    from stages import train as stage
+    from weclip.stages import train as stage
 
     cfg = _config(preset, set_, config)
     if iterations is not None:
@@ -347,8 +347,8 @@ def train(
     if nproc == 1:
         _print(stage.run(*args, **options))
         return
-    from pipeline.model.backbone import default_device
-    from pipeline.training.distributed import spawn
+    from weclip.pipeline.model.backbone import default_device
+    from weclip.pipeline.training.distributed import spawn
 
     _print(spawn(nproc, stage.run, args, options, device=default_device(device)))
 
@@ -371,7 +371,7 @@ def evaluate(
     _use_storage_options(storage_options)
     report_dir = require_local(out, "report folder")
     cfg, pretrained = _checkpoint_config(checkpoint, config, set_)
-    from stages import evaluate as stage
+    from weclip.stages import evaluate as stage
 
     _print(stage.run(checkpoint, manifest, report_dir, cfg=None if cfg is None else cfg.eval, crf=crf,
                      save_predictions=save_predictions, visualize=visualize, workers=workers, device=device,
@@ -393,7 +393,7 @@ def infer(
     """Segment an image or a folder of images; unreadable images are listed, the rest are written."""
     out_dir = require_local(out, "output folder")
     cfg, pretrained = _checkpoint_config(checkpoint, config, set_)
-    from stages import infer as stage
+    from weclip.stages import infer as stage
 
     _print(stage.run(checkpoint, images, out_dir, cfg=None if cfg is None else cfg.eval, crf=crf, overlays=overlays,
                      workers=workers, device=device, progress=_progress(), pretrained=pretrained))
@@ -425,7 +425,7 @@ def pseudo(
         cfg, pretrained = _checkpoint_config(checkpoint, config, set_)
     else:
         cfg = None
-    from stages import pseudo as stage
+    from weclip.stages import pseudo as stage
 
     _print(stage.run(manifest, out_dir, cfg=cfg, source=source.value, checkpoint=checkpoint, workers=workers,
                      visualize=visualize, device=device, progress=_progress(), pretrained=pretrained))
@@ -456,7 +456,7 @@ def prompts(
     if softmax is not None:
         cfg = cfg.replace(text={"sharpness_softmax": softmax.value})
     table = None if out is None else require_local(out, "table path")
-    from stages import prompts as stage
+    from weclip.stages import prompts as stage
 
     _print(stage.run(cfg, manifest, templates, table, cam_miou=cam_miou, device=device, progress=_progress()))
 
@@ -469,7 +469,7 @@ def plot(
                                  "0 (raw) to 0.999; the raw values stay as a faint line."),
 ) -> None:
     """Plot the loss terms, learning rate and validation mIoU of a training run to a PNG, the RFM switch marked."""
-    from pipeline.visualize import plot_metrics
+    from weclip.pipeline.visualize import plot_metrics
 
     typer.echo(str(plot_metrics(metrics, out, smooth=smooth)))
 
@@ -480,7 +480,7 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="Weights file to write, e.g. model.safetensors."),
 ) -> None:
     """Weights-only export (decoder, config, fingerprint, class names) that evaluate / infer / pseudo accept."""
-    from stages import export as stage
+    from weclip.stages import export as stage
 
     _print(stage.run(checkpoint, out))
 
@@ -493,7 +493,7 @@ def demo(
 ) -> None:
     """The whole chain on the embedded shapes world and the shipped tiny CLIP; prints an mIoU table."""
     workdir = require_local(out, "demo work folder")
-    from stages import demo as stage
+    from weclip.stages import demo as stage
 
     _print(stage.run(workdir, quick=quick, executor=executor.value, progress=_progress()))
 
@@ -541,8 +541,8 @@ def toy_clip(
                                         help="One extra caption per image naming an absent class."),
 ) -> None:
     """Retrain the shipped tiny CLIP on the shapes world; recipe options left out keep the shipped recipe's value."""
-    from pipeline.config import preset as load_preset
-    from stages import toy_clip as stage
+    from weclip.pipeline.config import preset as load_preset
+    from weclip.stages import toy_clip as stage
 
     recipe = stage.recipe_from(ctx.params)
     out = out or Path(load_preset("shapes").model.pretrained)

@@ -46,15 +46,15 @@ from zarr.storage import LocalStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.cache.schema import ArraySchema, CacheSpec  # noqa: E402
-from pipeline.cache.store import CacheReader  # noqa: E402
-from pipeline.config import Config, DemoConfig, preset  # noqa: E402
-from pipeline.data.augment import normalise  # noqa: E402
-from pipeline.model.decoder import WeCLIPDecoder  # noqa: E402
-from pipeline.refinement.par import PAR  # noqa: E402
-from pipeline.refinement.pseudo_label import online_pseudo_label  # noqa: E402
-from pipeline.refinement.refine import rfm_layer_mask  # noqa: E402
-from pipeline.training.checkpoint import build_decoder_from_checkpoint, load_checkpoint  # noqa: E402
+from weclip.pipeline.cache.schema import ArraySchema, CacheSpec  # noqa: E402
+from weclip.pipeline.cache.store import CacheReader  # noqa: E402
+from weclip.pipeline.config import Config, DemoConfig, preset  # noqa: E402
+from weclip.pipeline.data.augment import normalise  # noqa: E402
+from weclip.pipeline.model.decoder import WeCLIPDecoder  # noqa: E402
+from weclip.pipeline.refinement.par import PAR  # noqa: E402
+from weclip.pipeline.refinement.pseudo_label import online_pseudo_label  # noqa: E402
+from weclip.pipeline.refinement.refine import rfm_layer_mask  # noqa: E402
+from weclip.pipeline.training.checkpoint import build_decoder_from_checkpoint, load_checkpoint  # noqa: E402
 
 # (features storage, attention storage) pairs compared end to end; the first is the float16 reference
 PAIRS = (("plain", "plain"), ("int8", "uint8"), ("fp8", "log8"))
@@ -305,8 +305,8 @@ def bytes_per_view(rows: list[dict], spec: CacheSpec) -> dict[str, dict[str, flo
 
 def shapes_part(args: argparse.Namespace) -> dict:
     import shapes_quality as sq  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
-    from stages import extract
-    from stages.demo import shapes_dataset
+    from weclip.stages import extract
+    from weclip.stages.demo import shapes_dataset
     cfg, demo = preset("shapes"), DemoConfig()
     train_manifest = shapes_dataset(args.workdir / f"train-s{demo.seed}-n{args.train_images}" / "data", "train",
                                     args.train_images, demo.seed, cfg.aug.crop)

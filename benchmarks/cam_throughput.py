@@ -27,10 +27,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from pipeline.model.backbone import FrozenCLIP
-from pipeline.model.cam import CamBatch, softmax_gradcam, softmax_gradcam_loop
-from pipeline.config import ExtractConfig
-from pipeline.model.text import VOC_BACKGROUND, VOC_CLASSES, TextEmbeddings
+from weclip.pipeline.model.backbone import FrozenCLIP
+from weclip.pipeline.model.cam import CamBatch, softmax_gradcam, softmax_gradcam_loop
+from weclip.pipeline.config import ExtractConfig
+from weclip.pipeline.model.text import VOC_BACKGROUND, VOC_CLASSES, TextEmbeddings
 
 
 def seconds(fn: Callable[[], object], device: torch.device) -> float:

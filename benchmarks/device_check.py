@@ -38,12 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import extract_throughput  # noqa: E402
 import train_step  # noqa: E402
-from pipeline.config import Config, preset  # noqa: E402
-from pipeline.files import atomic_write_text  # noqa: E402
-from pipeline.model.backbone import default_device, load_backbone  # noqa: E402
-from pipeline.model.cam import softmax_gradcam  # noqa: E402
-from pipeline.model.text import class_set, text_embeddings  # noqa: E402
-from pipeline.training.sources import CachedSource  # noqa: E402
+from weclip.pipeline.config import Config, preset  # noqa: E402
+from weclip.pipeline.files import atomic_write_text  # noqa: E402
+from weclip.pipeline.model.backbone import default_device, load_backbone  # noqa: E402
+from weclip.pipeline.model.cam import softmax_gradcam  # noqa: E402
+from weclip.pipeline.model.text import class_set, text_embeddings  # noqa: E402
+from weclip.pipeline.training.sources import CachedSource  # noqa: E402
 
 SMOKE_CROP = 64  # a 4×4 patch grid: enough for every code path, cheap on a shared CPU
 

@@ -53,7 +53,7 @@ FIRST_START = ".first-shard"  # suffix of the file (next to the cache) where the
 def bench_config():
     """The COCO preset with 4 views in shards of 256, on the tiny random ViT at crop 16 (features of blocks 1–2,
     attention of blocks 1–3): about 1.3 kB per sample."""
-    from pipeline.config import preset
+    from weclip.pipeline.config import preset
 
     return preset("coco").replace(model={"name": "tiny-vit", "pretrained": None}, aug={"crop": 16},
                                   extract={"views": 4, "samples_per_shard": 256, "feature_layers": [1, 2],
@@ -64,8 +64,8 @@ def make_manifest(root: Path, images: int, seed: int = 0) -> Path:
     """A COCO-2014-train-like manifest of `images` rows: COCO's ids and file names, 640×480 or 480×640, 1–7 of the
     80 classes (2.9 on average, as COCO's train set) and one image with 18 (COCO's most, so K_max = 18). The files
     do not exist: the stand-in worker decodes nothing."""
-    from pipeline.data.manifest import ManifestRow, write_manifest
-    from pipeline.model.text import COCO_CLASSES
+    from weclip.pipeline.data.manifest import ManifestRow, write_manifest
+    from weclip.pipeline.model.text import COCO_CLASSES
 
     rng = np.random.default_rng(seed)
     counts = rng.choice(np.arange(1, 8), size=images, p=[0.2, 0.25, 0.2, 0.15, 0.1, 0.06, 0.04])
@@ -85,9 +85,9 @@ def make_manifest(root: Path, images: int, seed: int = 0) -> Path:
 def standin_shard(job, task):
     """A `ShardWorker` that commits small arrays: the real rows (view parameters drawn from (seed, image_id, view)),
     values a pure function of each sample's row, every `SKIP_EVERY`-th image skipped; no decode, no model."""
-    from pipeline.cache.store import CacheWriter
-    from pipeline.data.augment import draw_view
-    from pipeline.extract.worker import ShardOutcome, sample_row
+    from weclip.pipeline.cache.store import CacheWriter
+    from weclip.pipeline.data.augment import draw_view
+    from weclip.pipeline.extract.worker import ShardOutcome, sample_row
 
     _note_first_start(job.out)
     skip = {s.image.image_id for s in task.samples if (s.row // job.cfg.extract.views) % SKIP_EVERY == SKIP_EVERY - 1}
@@ -149,7 +149,7 @@ class RssSampler:
 
 def child_extract(manifest: str, out: str, executor: str) -> dict[str, Any]:
     """One driver run in this (fresh) process; its phase times and peak RSS."""
-    from stages import extract
+    from weclip.stages import extract
 
     cfg = bench_config()
     first = Path(out + FIRST_START)

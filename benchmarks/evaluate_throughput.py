@@ -32,15 +32,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.training.checkpoint import Checkpoint  # noqa: E402
-from pipeline.config import EvalConfig, preset  # noqa: E402
-from pipeline.data.shapes import sample  # noqa: E402
-from pipeline.model.decoder import WeCLIPDecoder  # noqa: E402
-from pipeline.model.backbone import load_backbone  # noqa: E402
-from pipeline.inference.segment import segment_fn  # noqa: E402
-from pipeline.inference.crf_pool import CrfJob, CrfPool, crf_job, labelled  # noqa: E402
-from pipeline.inference.predict import Predictor  # noqa: E402
-from pipeline.model.text import dataset_class_set  # noqa: E402
+from weclip.pipeline.training.checkpoint import Checkpoint  # noqa: E402
+from weclip.pipeline.config import EvalConfig, preset  # noqa: E402
+from weclip.pipeline.data.shapes import sample  # noqa: E402
+from weclip.pipeline.model.decoder import WeCLIPDecoder  # noqa: E402
+from weclip.pipeline.model.backbone import load_backbone  # noqa: E402
+from weclip.pipeline.inference.segment import segment_fn  # noqa: E402
+from weclip.pipeline.inference.crf_pool import CrfJob, CrfPool, crf_job, labelled  # noqa: E402
+from weclip.pipeline.inference.predict import Predictor  # noqa: E402
+from weclip.pipeline.model.text import dataset_class_set  # noqa: E402
 
 NUM_CLASSES = 21  # VOC: background + 20
 

@@ -31,13 +31,13 @@ import open_clip
 import torch
 from PIL import Image
 
-from pipeline.data.augment import normalise
-from pipeline.cache.store import CacheWriter
-from pipeline.config import Config
-from pipeline.extract.plan import ExtractPlan, PlannedImage, cache_layout
-from pipeline.extract.worker import ExtractJob, ShardData, extract_shard, run_shard
-from pipeline.model.backbone import FrozenCLIP, default_device, load_backbone
-from pipeline.model.text import TextEmbeddings, class_set, text_embeddings
+from weclip.pipeline.data.augment import normalise
+from weclip.pipeline.cache.store import CacheWriter
+from weclip.pipeline.config import Config
+from weclip.pipeline.extract.plan import ExtractPlan, PlannedImage, cache_layout
+from weclip.pipeline.extract.worker import ExtractJob, ShardData, extract_shard, run_shard
+from weclip.pipeline.model.backbone import FrozenCLIP, default_device, load_backbone
+from weclip.pipeline.model.text import TextEmbeddings, class_set, text_embeddings
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:

@@ -20,12 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import preset  # noqa: E402
-from pipeline.files import repo_relative, sha256_file  # noqa: E402
-from pipeline.inference.prompt_search import spearman  # noqa: E402
-from pipeline.model.prompts import BUILTIN_TEMPLATES  # noqa: E402
-from stages import prompts  # noqa: E402
-from stages.demo import shapes_dataset  # noqa: E402
+from weclip.pipeline.config import preset  # noqa: E402
+from weclip.pipeline.files import repo_relative, sha256_file  # noqa: E402
+from weclip.pipeline.inference.prompt_search import spearman  # noqa: E402
+from weclip.pipeline.model.prompts import BUILTIN_TEMPLATES  # noqa: E402
+from weclip.stages import prompts  # noqa: E402
+from weclip.stages.demo import shapes_dataset  # noqa: E402
 
 
 def main() -> None:

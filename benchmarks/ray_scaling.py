@@ -27,9 +27,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every raylet 
 import numpy as np
 from PIL import Image
 
-from pipeline.config import Config
-from stages import extract
-from stages import manifest as manifest_stage
+from weclip.pipeline.config import Config
+from weclip.stages import extract
+from weclip.stages import manifest as manifest_stage
 
 TINY_CONFIG = str(Path(__file__).resolve().parents[1] / "tests" / "tiny-vit.json")
 

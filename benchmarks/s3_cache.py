@@ -24,9 +24,9 @@ import time
 import uuid
 from pathlib import Path
 
-from pipeline.cache.index import ShardCommit
-from pipeline.cache.schema import commit_key
-from pipeline.cache.store import _get, _list_commits, _load_commits, open_store
+from weclip.pipeline.cache.index import ShardCommit
+from weclip.pipeline.cache.schema import commit_key
+from weclip.pipeline.cache.store import _get, _list_commits, _load_commits, open_store
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 
@@ -73,7 +73,7 @@ def extract_local_vs_s3(bucket: str, repeats: int) -> dict:
     import sys
 
     sys.path.insert(0, str(TESTS.parent))
-    from stages import extract
+    from weclip.stages import extract
     from tests.stages import extract_fakes as xf
 
     cfg = xf.tiny_config()

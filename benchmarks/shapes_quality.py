@@ -41,21 +41,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.data.augment import normalise  # noqa: E402
-from pipeline.files import atomic_write_text, repo_relative, sha256_file  # noqa: E402
-from pipeline.model.backbone import FrozenCLIP  # noqa: E402
-from pipeline.model.cam import CamBatch, softmax_gradcam  # noqa: E402
-from pipeline.config import CLIPES_CRF, Config, DemoConfig, preset  # noqa: E402
-from pipeline.refinement.crf import crf_labels, dense_crf  # noqa: E402
-from pipeline.data import shapes  # noqa: E402
-from pipeline.data.images import load_mask, load_rgb  # noqa: E402
-from pipeline.metrics import ConfusionMatrix, multi_hot, presence_map  # noqa: E402
-from pipeline.refinement.par import PAR  # noqa: E402
-from pipeline.refinement.pseudo_label import online_pseudo_label  # noqa: E402
-from pipeline.refinement.refine import cam_scores, cams_to_labels, refine_cams, static_affinity, upsample_cams  # noqa: E402
-from pipeline.model.text import class_set, text_embeddings  # noqa: E402
-from stages import evaluate as evaluate_stage, extract, train  # noqa: E402
-from stages.demo import shapes_dataset  # noqa: E402
+from weclip.pipeline.data.augment import normalise  # noqa: E402
+from weclip.pipeline.files import atomic_write_text, repo_relative, sha256_file  # noqa: E402
+from weclip.pipeline.model.backbone import FrozenCLIP  # noqa: E402
+from weclip.pipeline.model.cam import CamBatch, softmax_gradcam  # noqa: E402
+from weclip.pipeline.config import CLIPES_CRF, Config, DemoConfig, preset  # noqa: E402
+from weclip.pipeline.refinement.crf import crf_labels, dense_crf  # noqa: E402
+from weclip.pipeline.data import shapes  # noqa: E402
+from weclip.pipeline.data.images import load_mask, load_rgb  # noqa: E402
+from weclip.pipeline.metrics import ConfusionMatrix, multi_hot, presence_map  # noqa: E402
+from weclip.pipeline.refinement.par import PAR  # noqa: E402
+from weclip.pipeline.refinement.pseudo_label import online_pseudo_label  # noqa: E402
+from weclip.pipeline.refinement.refine import cam_scores, cams_to_labels, refine_cams, static_affinity, upsample_cams  # noqa: E402
+from weclip.pipeline.model.text import class_set, text_embeddings  # noqa: E402
+from weclip.stages import evaluate as evaluate_stage, extract, train  # noqa: E402
+from weclip.stages.demo import shapes_dataset  # noqa: E402
 
 
 @dataclass

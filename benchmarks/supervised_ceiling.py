@@ -28,10 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pipeline.config import DemoConfig, preset  # noqa: E402
+from weclip.pipeline.config import DemoConfig, preset  # noqa: E402
 from shapes_quality import TrainRun, train_and_score  # noqa: E402
-from stages import extract  # noqa: E402
-from stages.demo import shapes_dataset  # noqa: E402
+from weclip.stages import extract  # noqa: E402
+from weclip.stages.demo import shapes_dataset  # noqa: E402
 
 MODES = ("supervised", "weclip")
 

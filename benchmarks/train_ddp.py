@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import preset
-from pipeline.data.shapes import generate
-from pipeline.training.distributed import spawn
-from stages import extract, manifest, train
+from weclip.pipeline.config import preset
+from weclip.pipeline.data.shapes import generate
+from weclip.pipeline.training.distributed import spawn
+from weclip.stages import extract, manifest, train
 
 
 def one_run(cfg, cache: Path, out: Path, nproc: int, threads: int, warmup: int) -> dict:

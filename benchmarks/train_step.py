@@ -37,15 +37,15 @@ import torch
 from PIL import Image
 from torch.utils.data import default_convert
 
-from pipeline.config import Config, preset
-from pipeline.model.backbone import default_device
-from pipeline.model.decoder import WeCLIPDecoder
-from pipeline.training.optim import PolyWarmup, build_optimizer
-from pipeline.refinement.par import PAR
-from pipeline.refinement.pseudo_label import rfm_active
-from pipeline.training import sources
-from pipeline.training.step import train_step
-from stages import extract, manifest, train
+from weclip.pipeline.config import Config, preset
+from weclip.pipeline.model.backbone import default_device
+from weclip.pipeline.model.decoder import WeCLIPDecoder
+from weclip.pipeline.training.optim import PolyWarmup, build_optimizer
+from weclip.pipeline.refinement.par import PAR
+from weclip.pipeline.refinement.pseudo_label import rfm_active
+from weclip.pipeline.training import sources
+from weclip.pipeline.training.step import train_step
+from weclip.stages import extract, manifest, train
 
 
 def build_manifest(root: Path, images: int, classes_per_image: int, seed: int) -> Path:

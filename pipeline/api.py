@@ -18,13 +18,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.cache.store import CacheReader
-from pipeline.config import EvalConfig
-from pipeline.data.images import load_rgb
-from pipeline.errors import InferError
-from pipeline.inference.predict import Predictor, load_predictor
-from pipeline.inference.segment import check_msc_size
-from pipeline.model.backbone import default_device
+from weclip.pipeline.cache.store import CacheReader
+from weclip.pipeline.config import EvalConfig
+from weclip.pipeline.data.images import load_rgb
+from weclip.pipeline.errors import InferError
+from weclip.pipeline.inference.predict import Predictor, load_predictor
+from weclip.pipeline.inference.segment import check_msc_size
+from weclip.pipeline.model.backbone import default_device
 
 ImageLike = str | Path | np.ndarray
 

@@ -25,7 +25,7 @@ from typing import Annotated, Any, Callable, Literal, Mapping, TypeVar
 
 import yaml
 
-from pipeline.errors import ConfigError, DataError, MissingFile, StorageError
+from weclip.pipeline.errors import ConfigError, DataError, MissingFile, StorageError
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # 0..255 scale, WeCLIP transforms
 IMAGENET_STD = (58.395, 57.12, 57.375)

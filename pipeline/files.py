@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.errors import ConfigError, StorageError
+from weclip.pipeline.errors import ConfigError, StorageError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the folder holding `pipeline/`
 

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from pipeline.config import IGNORE_INDEX
+from weclip.pipeline.config import IGNORE_INDEX
 
 
 def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:

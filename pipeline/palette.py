@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.files import atomic_write
+from weclip.pipeline.files import atomic_write
 
 
 def voc_colormap(n: int = 256) -> np.ndarray:

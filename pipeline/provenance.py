@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from pipeline.cache import fingerprint as fp
-from pipeline.config import Config, apply_overrides, leaves
-from pipeline.errors import CacheError, ConfigError
-from pipeline.files import sha256_file, local_path
-from pipeline.model.text import ClassSet
+from weclip.pipeline.cache import fingerprint as fp
+from weclip.pipeline.config import Config, apply_overrides, leaves
+from weclip.pipeline.errors import CacheError, ConfigError
+from weclip.pipeline.files import sha256_file, local_path
+from weclip.pipeline.model.text import ClassSet
 
 FIXED_SECTIONS = ("model", "text", "aug", "extract")  # what a cache fixes
 MOVABLE = ("model.pretrained",)  # may point elsewhere, if the file there is the recorded one

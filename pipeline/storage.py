@@ -21,8 +21,8 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 from urllib.parse import urlsplit
 
-from pipeline.errors import ConfigError, StorageError
-from pipeline.files import is_url
+from weclip.pipeline.errors import ConfigError, StorageError
+from weclip.pipeline.files import is_url
 
 OPTIONS_ENV = "WECLIP_STORAGE_OPTIONS"  # JSON object of fsspec storage options for every URL this process opens
 # Protocols whose first path component is a bucket that must exist (the probe asks for it).

@@ -17,9 +17,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.errors import DataError, MissingFile
-from pipeline.files import atomic_write
-from pipeline.palette import VOC_COLORMAP, colorize
+from weclip.pipeline.errors import DataError, MissingFile
+from weclip.pipeline.files import atomic_write
+from weclip.pipeline.palette import VOC_COLORMAP, colorize
 
 GRID_COLUMNS = ("image", "CAM", "refined CAM", "pseudo label", "prediction", "ground truth")
 LABEL_COLUMNS = ("pseudo label", "prediction", "ground truth")  # panels that are label maps in VOC colours

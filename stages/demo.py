@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, DemoConfig, preset
-from pipeline.data import shapes
-from stages import evaluate, extract, manifest, pseudo, train
+from weclip.pipeline.config import Config, DemoConfig, preset
+from weclip.pipeline.data import shapes
+from weclip.stages import evaluate, extract, manifest, pseudo, train
 
 
 @dataclass(frozen=True)

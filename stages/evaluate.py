@@ -16,17 +16,17 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.config import EvalConfig
-from pipeline.data.manifest import ManifestRow, read_manifest
-from pipeline.errors import EvalError
-from pipeline.files import require_local
-from pipeline.inference.crf_pool import CrfJob, crf_pool, labelled
-from pipeline.inference.predict import cam_panels_of, check_classes, load_predictor, read_gt, read_rgb
-from pipeline.inference.report import GRID_NAME, REPORT_JSON, REPORT_MD, markdown_report, percent, score_dict, write_reports
-from pipeline.metrics import ConfusionMatrix
-from pipeline.model.backbone import default_device
-from pipeline.palette import colorize, save_label_png
-from pipeline.visualize import GRID_COLUMNS, cam_captions, save_sample_grid
+from weclip.pipeline.config import EvalConfig
+from weclip.pipeline.data.manifest import ManifestRow, read_manifest
+from weclip.pipeline.errors import EvalError
+from weclip.pipeline.files import require_local
+from weclip.pipeline.inference.crf_pool import CrfJob, crf_pool, labelled
+from weclip.pipeline.inference.predict import cam_panels_of, check_classes, load_predictor, read_gt, read_rgb
+from weclip.pipeline.inference.report import GRID_NAME, REPORT_JSON, REPORT_MD, markdown_report, percent, score_dict, write_reports
+from weclip.pipeline.metrics import ConfusionMatrix
+from weclip.pipeline.model.backbone import default_device
+from weclip.pipeline.palette import colorize, save_label_png
+from weclip.pipeline.visualize import GRID_COLUMNS, cam_captions, save_sample_grid
 
 PREDICTIONS_DIR = "predictions"
 

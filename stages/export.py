@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import CheckpointError
-from pipeline.training.checkpoint import load_checkpoint, save_weights
+from weclip.pipeline.errors import CheckpointError
+from weclip.pipeline.training.checkpoint import load_checkpoint, save_weights
 
 
 @dataclass(frozen=True)

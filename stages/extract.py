@@ -14,17 +14,17 @@ from typing import Any, Literal, Sequence
 
 from tqdm import tqdm
 
-from pipeline.cache.store import CacheWriter
-from pipeline.config import Config
-from pipeline.data.manifest import read_manifest
-from pipeline.errors import ConfigError
-from pipeline.extract import estimate
-from pipeline.extract.plan import cache_layout, make_plan
-from pipeline.extract.ray_runner import run_ray
-from pipeline.extract.worker import ExtractJob, ShardOutcome, ShardWorker, run_shard
-from pipeline.files import absolute_location
-from pipeline.model.backbone import default_device, load_backbone
-from pipeline.storage import storage_errors, storage_options
+from weclip.pipeline.cache.store import CacheWriter
+from weclip.pipeline.config import Config
+from weclip.pipeline.data.manifest import read_manifest
+from weclip.pipeline.errors import ConfigError
+from weclip.pipeline.extract import estimate
+from weclip.pipeline.extract.plan import cache_layout, make_plan
+from weclip.pipeline.extract.ray_runner import run_ray
+from weclip.pipeline.extract.worker import ExtractJob, ShardOutcome, ShardWorker, run_shard
+from weclip.pipeline.files import absolute_location
+from weclip.pipeline.model.backbone import default_device, load_backbone
+from weclip.pipeline.storage import storage_errors, storage_options
 
 Executor = Literal["ray", "inline"]
 

@@ -17,17 +17,17 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.config import EvalConfig
-from pipeline.errors import InferError
-from pipeline.files import atomic_write_text, require_local
-from pipeline.inference.crf_pool import CrfJob, crf_pool, labelled
-from pipeline.inference.predict import load_predictor
-from pipeline.inference.segment import ImageTooSmall, check_msc_size
-from pipeline.model.backbone import default_device
-from pipeline.data.images import ImageDecodeError, load_rgb
-from pipeline.data.manifest import strip_image_suffix
-from pipeline.palette import save_label_png
-from pipeline.visualize import overlay, save_rgb_png
+from weclip.pipeline.config import EvalConfig
+from weclip.pipeline.errors import InferError
+from weclip.pipeline.files import atomic_write_text, require_local
+from weclip.pipeline.inference.crf_pool import CrfJob, crf_pool, labelled
+from weclip.pipeline.inference.predict import load_predictor
+from weclip.pipeline.inference.segment import ImageTooSmall, check_msc_size
+from weclip.pipeline.model.backbone import default_device
+from weclip.pipeline.data.images import ImageDecodeError, load_rgb
+from weclip.pipeline.data.manifest import strip_image_suffix
+from weclip.pipeline.palette import save_label_png
+from weclip.pipeline.visualize import overlay, save_rgb_png
 
 FAILURES_NAME, OVERLAY_DIR = "failures.jsonl", "overlays"
 

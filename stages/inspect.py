@@ -12,7 +12,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from pipeline.cache.store import CacheReader, CacheRoot, describe_damage
+from weclip.pipeline.cache.store import CacheReader, CacheRoot, describe_damage
 
 
 @dataclass(frozen=True)

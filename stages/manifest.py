@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ManifestConfig
-from pipeline.data.folder import load_class_prompts
-from pipeline.data.manifest import check_copy, manifest_target, rejects_path, validate, write_manifest, write_rejects
-from pipeline.data.registry import Inputs, layout, names, resolve_classes
-from pipeline.errors import DataError
-from pipeline.model.text import ClassSet
+from weclip.pipeline.config import ManifestConfig
+from weclip.pipeline.data.folder import load_class_prompts
+from weclip.pipeline.data.manifest import check_copy, manifest_target, rejects_path, validate, write_manifest, write_rejects
+from weclip.pipeline.data.registry import Inputs, layout, names, resolve_classes
+from weclip.pipeline.errors import DataError
+from weclip.pipeline.model.text import ClassSet
 
 FORMATS: tuple[str, ...] = names()
 
@@ -38,7 +38,7 @@ class ManifestSummary:
 
 def _call(fmt: str, args: dict[str, Any]) -> str:
     """The Python call that rebuilds this manifest, recorded in its metadata when no command line is given."""
-    return f"stages.manifest.run({fmt!r}, " + ", ".join(
+    return f"weclip.stages.manifest.run({fmt!r}, " + ", ".join(
         f"{k}={str(v)!r}" for k, v in args.items() if v is not None) + ")"
 
 

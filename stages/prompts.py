@@ -16,13 +16,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.config import Config
-from pipeline.data.manifest import read_manifest
-from pipeline.errors import ConfigError
-from pipeline.files import atomic_write_text, require_local
-from pipeline.inference.prompt_search import TemplateScore, score_templates, spearman
-from pipeline.model.backbone import default_device
-from pipeline.model.prompts import load_templates
+from weclip.pipeline.config import Config
+from weclip.pipeline.data.manifest import read_manifest
+from weclip.pipeline.errors import ConfigError
+from weclip.pipeline.files import atomic_write_text, require_local
+from weclip.pipeline.inference.prompt_search import TemplateScore, score_templates, spearman
+from weclip.pipeline.model.backbone import default_device
+from weclip.pipeline.model.prompts import load_templates
 
 FORMATS = (".csv", ".json")
 

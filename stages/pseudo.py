@@ -24,18 +24,18 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.config import IGNORE_INDEX, Config
-from pipeline.data.manifest import ManifestRow, read_manifest
-from pipeline.errors import ConfigError, EvalError
-from pipeline.files import require_local
-from pipeline.inference.crf_pool import CrfJob, crf_pool, labelled
-from pipeline.inference.predict import BACKGROUND, check_classes, clipes_predictor, load_predictor, read_gt, read_rgb
-from pipeline.inference.report import GRID_NAME, REPORT_JSON, REPORT_MD, markdown_report, percent, score_dict, write_reports
-from pipeline.metrics import ConfusionMatrix
-from pipeline.model.backbone import default_device
-from pipeline.model.text import manifest_class_set
-from pipeline.palette import colorize, save_label_png
-from pipeline.visualize import GRID_COLUMNS, cam_captions, save_sample_grid
+from weclip.pipeline.config import IGNORE_INDEX, Config
+from weclip.pipeline.data.manifest import ManifestRow, read_manifest
+from weclip.pipeline.errors import ConfigError, EvalError
+from weclip.pipeline.files import require_local
+from weclip.pipeline.inference.crf_pool import CrfJob, crf_pool, labelled
+from weclip.pipeline.inference.predict import BACKGROUND, check_classes, clipes_predictor, load_predictor, read_gt, read_rgb
+from weclip.pipeline.inference.report import GRID_NAME, REPORT_JSON, REPORT_MD, markdown_report, percent, score_dict, write_reports
+from weclip.pipeline.metrics import ConfusionMatrix
+from weclip.pipeline.model.backbone import default_device
+from weclip.pipeline.model.text import manifest_class_set
+from weclip.pipeline.palette import colorize, save_label_png
+from weclip.pipeline.visualize import GRID_COLUMNS, cam_captions, save_sample_grid
 
 Source = Literal["clip-es", "weclip"]
 SOURCES: tuple[str, ...] = ("clip-es", "weclip")

@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from pipeline.files import atomic_write_text, repo_relative
-from pipeline.model.toy_clip import ToyClipRecipe, Validation, checkpoint_record, load_fp16, save_fp16, train
+from weclip.pipeline.files import atomic_write_text, repo_relative
+from weclip.pipeline.model.toy_clip import ToyClipRecipe, Validation, checkpoint_record, load_fp16, save_fp16, train
 
 # Recipe fields settable from the command line (the rest are fixed by the recipe's defaults); `hard_negatives` is
 # the flag --hard-negatives/--no-hard-negatives.

@@ -26,23 +26,23 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.config import Config
-from pipeline.errors import TrainError
-from pipeline.files import atomic_write_text, require_local
-from pipeline.model.backbone import default_device
-from pipeline.model.decoder import WeCLIPDecoder
-from pipeline.refinement.par import PAR
-from pipeline.refinement.pseudo_label import rfm_active
-from pipeline.training.checkpoint import load_checkpoint
-from pipeline.training.distributed import World, session
-from pipeline.training.optim import PolyWarmup, build_optimizer
-from pipeline.training.schedule import batch_positions
-from pipeline.training.sources import CachedSource, OnlineSource, Source
-from pipeline.training.logger import TensorBoardLog
-from pipeline.training.state import (BEST_NAME, CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, best_so_far, open_metrics,
+from weclip.pipeline.config import Config
+from weclip.pipeline.errors import TrainError
+from weclip.pipeline.files import atomic_write_text, require_local
+from weclip.pipeline.model.backbone import default_device
+from weclip.pipeline.model.decoder import WeCLIPDecoder
+from weclip.pipeline.refinement.par import PAR
+from weclip.pipeline.refinement.pseudo_label import rfm_active
+from weclip.pipeline.training.checkpoint import load_checkpoint
+from weclip.pipeline.training.distributed import World, session
+from weclip.pipeline.training.optim import PolyWarmup, build_optimizer
+from weclip.pipeline.training.schedule import batch_positions
+from weclip.pipeline.training.sources import CachedSource, OnlineSource, Source
+from weclip.pipeline.training.logger import TensorBoardLog
+from weclip.pipeline.training.state import (BEST_NAME, CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, best_so_far, open_metrics,
                                      restore_run_state, save_best, save_run_state)
-from pipeline.training.validation import Validator
-from pipeline.training.step import train_step
+from weclip.pipeline.training.validation import Validator
+from weclip.pipeline.training.step import train_step
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import torch
 # Every Ray a test starts binds to 127.0.0.1 only (by default Ray on Linux binds the primary interface).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from pipeline.model.backbone import FrozenCLIP, register_model_configs
+from weclip.pipeline.model.backbone import FrozenCLIP, register_model_configs
 
 TINY_CONFIG = Path(__file__).parent / "tiny-vit.json"
 TINY_NAME = TINY_CONFIG.stem  # open_clip registers a config file under its stem

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from pipeline.storage import OPTIONS_ENV
+from weclip.pipeline.storage import OPTIONS_ENV
 
 ACCESS_KEY, SECRET_KEY = "AKIAWECLIPTEST000000", "weclip-test-secret"
 

@@ -10,10 +10,10 @@ from PIL import Image
 from tests.stages import eval_fakes as ef
 from tests.stages import extract_fakes as xf
 
-from pipeline import api
-from pipeline.data.images import load_rgb
-from pipeline.errors import InferError
-from stages import extract, infer
+from weclip.pipeline import api
+from weclip.pipeline.data.images import load_rgb
+from weclip.pipeline.errors import InferError
+from weclip.stages import extract, infer
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,11 @@ def test_cache_samples_are_the_stored_rows(tmp_path):
     group = zarr.open_group(str(tmp_path / "cache"), mode="r")  # the arrays as zarr itself reads them
     last = cache.sample(-1)
     assert last["meta"]["row"] == max(cache.index.column("row").to_pylist())
-    for name in ("features", "cams", "image", "valid"):
-        np.testing.assert_array_equal(last[name], np.asarray(group[name][last["meta"]["row"]]))
+    row = last["meta"]["row"]
+    for name in ("cam_classes", "image", "valid"):  # stored as they are
+        np.testing.assert_array_equal(last[name], np.asarray(group[name][row]))
+    features = cache.spec.arrays()["features"]  # 8-bit with per-token scales: the sample holds their decoding
+    assert features.storage != "plain" and last["features"].shape == features.shape
+    np.testing.assert_array_equal(last["features"], features.from_storage(np.asarray(group["features"][row:row + 1]))[0])
     with pytest.raises(IndexError):
         cache.sample(len(cache))

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import cli
-from pipeline.config import PRESETS, preset
-from pipeline.errors import CheckpointError, InferError, StorageError
-from pipeline.files import require_local
+from weclip import cli
+from weclip.pipeline.config import PRESETS, preset
+from weclip.pipeline.errors import CheckpointError, InferError, StorageError
+from weclip.pipeline.files import require_local
 from tests.data import data_fakes as fk
 from tests.stages import eval_fakes as ef
 
@@ -48,7 +48,7 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
 
 
 def test_an_unexpected_exception_is_not_dressed_as_a_user_error(tmp_path, monkeypatch):
-    from stages import evaluate
+    from weclip.stages import evaluate
 
     def broken(*args, **kwargs):
         raise KeyError("a bug")
@@ -150,9 +150,9 @@ def test_a_value_outside_the_choices_is_refused(tmp_path):
 
 def test_the_choices_are_the_stages_own_names():
     """cli.py spells the names out (their modules import torch); each must equal its source."""
-    from pipeline.data.registry import LAYOUTS, names
-    from pipeline.model import prompts
-    from stages import extract, pseudo
+    from weclip.pipeline.data.registry import LAYOUTS, names
+    from weclip.pipeline.model import prompts
+    from weclip.stages import extract, pseudo
 
     def values(choice):
         return tuple(member.value for member in choice)
@@ -184,7 +184,7 @@ def test_help_imports_no_torch():
 
 
 def test_quiet_turns_progress_off_and_still_prints_the_summary(tmp_path, monkeypatch):
-    from stages import train
+    from weclip.stages import train
 
     seen = recorder(monkeypatch, train)
     args = ["train", "--cache", str(tmp_path / "cache"), "-o", str(tmp_path / "run")]
@@ -195,7 +195,7 @@ def test_quiet_turns_progress_off_and_still_prints_the_summary(tmp_path, monkeyp
 
 
 def test_demo_writes_to_out(tmp_path, monkeypatch):
-    from stages import demo
+    from weclip.stages import demo
 
     seen = recorder(monkeypatch, demo)
     code, _, _ = run_cli(["demo", "--quick", "--executor", "inline", "-o", str(tmp_path / "d")])
@@ -254,7 +254,7 @@ def test_a_bad_config_file_is_one_error_line_naming_it(tmp_path, capsys, name, t
 
 
 def test_manifest_takes_its_section_of_the_config_file_and_set(tmp_path, monkeypatch):
-    from stages import manifest
+    from weclip.stages import manifest
 
     seen = recorder(monkeypatch, manifest)
     config = tmp_path / "run.yaml"
@@ -274,7 +274,7 @@ def world(tmp_path_factory):
 
 
 def test_set_eval_overrides_the_checkpoints_eval_section(world, tmp_path, monkeypatch, capsys):
-    from stages import evaluate, infer, pseudo
+    from weclip.stages import evaluate, infer, pseudo
 
     ckpt = str(world["checkpoint"])
     config = tmp_path / "eval.json"

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from cli import _config
-from pipeline.config import (CLIPES_CRF, PRESETS, Config, CrfParams, DemoConfig, ManifestConfig, ParConfig,
+from weclip.cli import _config
+from weclip.pipeline.config import (CLIPES_CRF, PRESETS, Config, CrfParams, DemoConfig, ManifestConfig, ParConfig,
                              RefineConfig, Rule, preset, set_field)
-from pipeline.errors import ConfigError
+from weclip.pipeline.errors import ConfigError
 
 
 def error(make: typing.Callable[[], Any]) -> str:

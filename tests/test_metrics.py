@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.metrics import ConfusionMatrix
+from weclip.pipeline.metrics import ConfusionMatrix
 
 
 def test_hand_computed_confusion_iou_and_miou():

@@ -7,8 +7,8 @@ import socket
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
-from pipeline import storage
-from pipeline.errors import ConfigError, StorageError
+from weclip.pipeline import storage
+from weclip.pipeline.errors import ConfigError, StorageError
 
 URL = "s3://bucket/cache"
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.images import load_mask
-from pipeline.palette import VOC_COLORMAP, colorize, save_label_png
-from pipeline.visualize import (BAND, CELL, MARKER, PLOT_MARGIN, PLOT_SIZE, SERIES_COLOURS, cam_captions, cam_panels, ema,
+from weclip.pipeline.data.images import load_mask
+from weclip.pipeline.palette import VOC_COLORMAP, colorize, save_label_png
+from weclip.pipeline.visualize import (BAND, CELL, MARKER, PLOT_MARGIN, PLOT_SIZE, SERIES_COLOURS, cam_captions, cam_panels, ema,
                                 heatmap, label_ids, legend_entries, overlay, plot_metrics, read_metrics, rfm_switch_step,
                                 sample_grid, step_ticks)
 
@@ -221,7 +221,7 @@ def test_sample_grid_draws_the_legend_and_captions_in_the_row_band():
 
 
 def test_cli_plot_smooths(tmp_path):
-    import cli
+    from weclip import cli
     metrics = tmp_path / "metrics.jsonl"
     write_metrics(metrics)
     with pytest.raises(SystemExit) as exit_info:

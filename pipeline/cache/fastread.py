@@ -44,7 +44,7 @@ from zarr.core.dtype import UInt64
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from pipeline.errors import CacheError
+from weclip.pipeline.errors import CacheError
 
 EMPTY = 2**64 - 1  # offset and nbytes of an inner chunk the shard does not hold (zarr's MAX_UINT_64)
 _CONFIG = ArrayConfig(order="C", write_empty_chunks=False)

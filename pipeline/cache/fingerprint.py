@@ -15,10 +15,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.cache.schema import CONTENT_VERSION
-from pipeline.errors import CacheError
-from pipeline.files import sha256_file
-from pipeline.config import Config
+from weclip.pipeline.cache.schema import CONTENT_VERSION
+from weclip.pipeline.errors import CacheError
+from weclip.pipeline.files import sha256_file
+from weclip.pipeline.config import Config
 
 # How the stored CAMs are normalised: ReLU, then min-max twice (`pipeline/model/cam.py`, docs/algorithm.md §4
 # step 4). A property of the code, not of the config: change it whenever the CAM formula changes, so that caches

@@ -21,10 +21,10 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
-from pipeline.cache.fingerprint import canonical_json
-from pipeline.cache.schema import (COMMIT_PREFIX, INDEX_KEY, REQUIRED_ROW_KEYS, REQUIRED_SKIP_KEYS, ROW_TYPES,
+from weclip.pipeline.cache.fingerprint import canonical_json
+from weclip.pipeline.cache.schema import (COMMIT_PREFIX, INDEX_KEY, REQUIRED_ROW_KEYS, REQUIRED_SKIP_KEYS, ROW_TYPES,
                                    SCHEMA_VERSION, SHARDS_KEY, SKIPPED_KEY, SKIPPED_TYPES, CacheSpec, shard_types)
-from pipeline.errors import CacheError
+from weclip.pipeline.errors import CacheError
 
 
 @dataclass(frozen=True)

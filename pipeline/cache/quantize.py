@@ -25,7 +25,7 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
-from pipeline.errors import CacheError
+from weclip.pipeline.errors import CacheError
 
 Coding = Literal["int8", "fp8", "uint8", "log8"]
 SCALE_BYTES = 4  # one float32 scale per vector, appended to it

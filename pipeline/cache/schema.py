@@ -29,7 +29,8 @@ bfloat16 is stored as its raw bits in uint16 (array attribute `weclip_dtype: bfl
 float32 on read, which is exact. Rows of a skipped image are never written and read as the fill value.
 
 Every chunk ends with a crc32c checksum (the store appends that codec to each array's chain, `store._create`),
-verified by zarr on every read; the shard index carries its own (zarr's default index codecs). A damaged chunk
+verified on every read (by `pipeline/cache/fastread.py` for batch reads, by zarr for `verify` and any other zarr
+reader); the shard index carries its own (zarr's default index codecs). A damaged chunk
 or index then fails to decode instead of reading as wrong values.
 """
 from __future__ import annotations
@@ -43,9 +44,9 @@ import pyarrow as pa
 from zarr.abc.codec import BytesBytesCodec
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from pipeline.cache import quantize
-from pipeline.config import IGNORE_INDEX
-from pipeline.errors import CacheError, ConfigError
+from weclip.pipeline.cache import quantize
+from weclip.pipeline.config import IGNORE_INDEX
+from weclip.pipeline.errors import CacheError, ConfigError
 
 # The store's format (root attribute, commit records). 2: a crc32c checksum ends every chunk's codec chain.
 # 3: a storage and a compressor per float array (8-bit codings with their scales inside the chunk).

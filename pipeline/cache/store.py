@@ -40,15 +40,15 @@ from zarr.core.sync import sync
 from zarr.errors import GroupNotFoundError
 from zarr.storage import FsspecStore, LocalStore
 
-from pipeline.cache import fingerprint as fp
-from pipeline.cache.fastread import BatchReader
-from pipeline.cache.index import (CacheTables, ShardCommit, build_tables, committed_shards, parquet_to_table,
+from weclip.pipeline.cache import fingerprint as fp
+from weclip.pipeline.cache.fastread import BatchReader
+from weclip.pipeline.cache.index import (CacheTables, ShardCommit, build_tables, committed_shards, parquet_to_table,
                                   parse_commits, table_to_parquet, validate_rows)
-from pipeline.cache.schema import (COMMIT_PREFIX, CONFIG_KEY, INDEX_KEY, KNOWN_SCHEMA_VERSIONS, ROOT_ATTR,
+from weclip.pipeline.cache.schema import (COMMIT_PREFIX, CONFIG_KEY, INDEX_KEY, KNOWN_SCHEMA_VERSIONS, ROOT_ATTR,
                                    SCHEMA_VERSION, SHARDS_KEY, SKIPPED_KEY, ArraySchema, CacheSpec, commit_key)
-from pipeline.errors import CacheError, StorageError
-from pipeline.files import is_url, local_path
-from pipeline.storage import url_store
+from weclip.pipeline.errors import CacheError, StorageError
+from weclip.pipeline.files import is_url, local_path
+from weclip.pipeline.storage import url_store
 
 CacheRoot = str | Path | Store
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, AugConfig
+from weclip.pipeline.config import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, AugConfig
 
 _STATS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
 

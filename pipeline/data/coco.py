@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from pipeline.data.manifest import Candidate, Listing, Reject, read_id_list
-from pipeline.data.textfile import MissingFileError, read_text
-from pipeline.data.voc import image_names
-from pipeline.errors import DataError
+from weclip.pipeline.data.manifest import Candidate, Listing, Reject, read_id_list
+from weclip.pipeline.data.textfile import MissingFileError, read_text
+from weclip.pipeline.data.voc import image_names
+from weclip.pipeline.errors import DataError
 
 # official COCO name -> the spelling used in pipeline/model/text.py (VOC style, as the released code's lists)
 COCO_NAME_ALIASES = {"motorcycle": "motorbike", "airplane": "aeroplane", "couch": "sofa",

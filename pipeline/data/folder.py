@@ -15,9 +15,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
-from pipeline.data.manifest import Candidate, Listing, Reject, strip_image_suffix
-from pipeline.data.textfile import read_text
-from pipeline.errors import DataError
+from weclip.pipeline.data.manifest import Candidate, Listing, Reject, strip_image_suffix
+from weclip.pipeline.data.textfile import read_text
+from weclip.pipeline.errors import DataError
 
 
 def _class_lines(path: str | Path) -> list[tuple[str, str | None]]:

@@ -15,9 +15,9 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from pipeline import storage
-from pipeline.errors import DataError
-from pipeline.files import is_url
+from weclip.pipeline import storage
+from weclip.pipeline.errors import DataError
+from weclip.pipeline.files import is_url
 
 # Modes PIL converts to RGB without losing meaning. The 16-bit grayscale modes are scaled first.
 _RGB_CONVERTIBLE = frozenset({"RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV",

@@ -20,12 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.files import absolute_location, atomic_write, is_url, join_location
-from pipeline.config import IGNORE_INDEX
-from pipeline.data.images import DecodeMode, ImageDecodeError, check_image, load_mask
-from pipeline.data.textfile import MissingFileError, read_text
-from pipeline.errors import DataError, StorageError
-from pipeline import storage
+from weclip.pipeline.files import absolute_location, atomic_write, is_url, join_location
+from weclip.pipeline.config import IGNORE_INDEX
+from weclip.pipeline.data.images import DecodeMode, ImageDecodeError, check_image, load_mask
+from weclip.pipeline.data.textfile import MissingFileError, read_text
+from weclip.pipeline.errors import DataError, StorageError
+from weclip.pipeline import storage
 
 _ARROW_TYPES = {"string": pa.string(), "int16": pa.int16(), "int32": pa.int32(),
                 "list<int16>": pa.list_(pa.int16())}
@@ -35,7 +35,7 @@ _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 @cache
 def schema_spec() -> dict:
     """The manifest contract as data (manifests/manifest_schema.json)."""
-    return json.loads(resources.files("manifests").joinpath("manifest_schema.json").read_text())
+    return json.loads(resources.files("weclip.manifests").joinpath("manifest_schema.json").read_text())
 
 
 @cache

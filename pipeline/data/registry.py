@@ -11,10 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pipeline.data import coco, folder, voc
-from pipeline.data.manifest import Listing
-from pipeline.errors import DataError
-from pipeline.model.text import ClassSet, class_set as lookup_class_set
+from weclip.pipeline.data import coco, folder, voc
+from weclip.pipeline.data.manifest import Listing
+from weclip.pipeline.errors import DataError
+from weclip.pipeline.model.text import ClassSet, class_set as lookup_class_set
 
 
 @dataclass(frozen=True)

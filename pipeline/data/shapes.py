@@ -25,9 +25,9 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.config import preset
-from pipeline.palette import label_image
-from pipeline.model.text import SHAPES_BACKGROUND, SHAPES_CLASSES, class_set
+from weclip.pipeline.config import preset
+from weclip.pipeline.palette import label_image
+from weclip.pipeline.model.text import SHAPES_BACKGROUND, SHAPES_CLASSES, class_set
 
 JPEG_QUALITY = 95
 OBJECT_COUNT_PROBS = (0.45, 0.35, 0.20)  # 1, 2 or 3 objects

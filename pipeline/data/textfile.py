@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.errors import DataError, StorageError
+from weclip.pipeline.errors import DataError, StorageError
 
 ENCODING = "utf-8-sig"
 

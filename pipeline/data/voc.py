@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from pipeline.data.manifest import Candidate, Listing, Reject, read_id_list
-from pipeline.data.textfile import MissingFileError
-from pipeline.errors import DataError
+from weclip.pipeline.data.manifest import Candidate, Listing, Reject, read_id_list
+from weclip.pipeline.data.textfile import MissingFileError
+from weclip.pipeline.errors import DataError
 
 IMAGE_DIR = "JPEGImages"
 MASK_DIRS = ("SegmentationClassAug", "SegmentationClass")  # first existing one wins

@@ -20,11 +20,11 @@ from typing import Any, Literal, Sequence
 import open_clip
 from open_clip.model import CLIPVisionCfg
 
-from pipeline.cache.schema import ArraySchema, CacheSpec, compressor_codecs
-from pipeline.config import Config
-from pipeline.errors import BackboneError, ConfigError
-from pipeline.extract.plan import ExtractPlan, cache_layout
-from pipeline.model.backbone import MODEL_CONFIG_DIR, register_model_configs
+from weclip.pipeline.cache.schema import ArraySchema, CacheSpec, compressor_codecs
+from weclip.pipeline.config import Config
+from weclip.pipeline.errors import BackboneError, ConfigError
+from weclip.pipeline.extract.plan import ExtractPlan, cache_layout
+from weclip.pipeline.model.backbone import MODEL_CONFIG_DIR, register_model_configs
 
 # zarr v3 sharding: each shard file ends in an index of one (offset, length) uint64 pair per chunk slot (= sample;
 # a short last shard still has `samples_per_shard` slots) and the index's crc32c; every chunk ends in its own crc32c

@@ -11,15 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.cache.fingerprint import fingerprint_from_config
-from pipeline.cache.schema import CacheSpec
-from pipeline.cache.store import first_few
-from pipeline.config import Config, ExtractConfig
-from pipeline.data.manifest import Manifest
-from pipeline.errors import BackboneError, ConfigError, DataError
-from pipeline.files import is_url, join_location
-from pipeline.model.protocol import Backbone
-from pipeline.model.text import ClassSet, manifest_class_set
+from weclip.pipeline.cache.fingerprint import fingerprint_from_config
+from weclip.pipeline.cache.schema import CacheSpec
+from weclip.pipeline.cache.store import first_few
+from weclip.pipeline.config import Config, ExtractConfig
+from weclip.pipeline.data.manifest import Manifest
+from weclip.pipeline.errors import BackboneError, ConfigError, DataError
+from weclip.pipeline.files import is_url, join_location
+from weclip.pipeline.model.protocol import Backbone
+from weclip.pipeline.model.text import ClassSet, manifest_class_set
 
 
 @dataclass(frozen=True)

@@ -8,21 +8,25 @@ only; weclip never prints or stores it.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from pipeline.errors import ExtractError
-from pipeline.files import json_object_option
-from pipeline.extract.plan import ShardTask
-from pipeline.extract.worker import ExtractJob, ShardOutcome, ShardWorker, run_shard
+import weclip
+from weclip.pipeline.errors import ExtractError
+from weclip.pipeline.files import json_object_option
+from weclip.pipeline.extract.plan import ShardTask
+from weclip.pipeline.extract.worker import ExtractJob, ShardOutcome, ShardWorker, run_shard
 
-# The folder holding the `pipeline` package: a source checkout, or site-packages when weclip is installed.
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-# The packages a Ray worker imports (run_shard and the manifest schema); nothing else of the environment is shipped.
-WORKER_PACKAGES = ("pipeline", "manifests")
+# The `weclip` package's folder: the root of a source checkout, or site-packages/weclip when weclip is installed.
+PACKAGE_ROOT = Path(weclip.__file__).resolve().parent
+# What a Ray worker imports (run_shard and the manifest schema); nothing else of the environment is shipped.
+WORKER_CONTENT = ("__init__.py", "pipeline", "manifests")
 _RAY_EXCLUDES = ["**/__pycache__/"]
 
 
@@ -89,31 +93,41 @@ def resource_overrides(cpus_per_task: float | None, gpus_per_task: float | None)
 
 
 def code_runtime_env() -> dict[str, Any]:
-    """The runtime_env that ships weclip's worker code to a named cluster: the package folders only, so an installed
-    weclip (PROJECT_ROOT = site-packages) does not upload the whole environment, and the workers run the driver's exact code
-    (the plan and fingerprint the driver made must match what they compute)."""
-    return {"py_modules": [str(PROJECT_ROOT / name) for name in WORKER_PACKAGES], "excludes": list(_RAY_EXCLUDES)}
+    """The runtime_env that ships weclip's worker code to a named cluster: a copy of WORKER_CONTENT only, so an
+    installed weclip does not upload the environment, and the workers run the driver's exact code (the plan and
+    fingerprint the driver made must match what they compute)."""
+    return {"py_modules": [str(stage_worker_package())], "excludes": list(_RAY_EXCLUDES)}
+
+
+def stage_worker_package() -> Path:
+    """A temporary folder named `weclip` holding WORKER_CONTENT of PACKAGE_ROOT (removed when the driver exits): Ray
+    imports a py_module under its folder's name, and a checkout's folder bears the clone's name."""
+    folder = Path(tempfile.mkdtemp(prefix="weclip-ray-")) / "weclip"
+    atexit.register(shutil.rmtree, folder.parent, True)
+    folder.mkdir()
+    for name in WORKER_CONTENT:
+        source = PACKAGE_ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, folder / name)
+    return folder
 
 
 def ray_init_kwargs(address: str | None) -> dict[str, Any]:
     """How this driver joins Ray: the cluster at `address`; else the cluster of RAY_ADDRESS (`ray job submit` sets
     it; the job's runtime env, e.g. its --working-dir, applies); else a quiet local Ray sized to this machine.
 
-    A driver that joins an existing cluster passes no resources (Ray refuses them then). Workers import `pipeline`:
-    locally through PYTHONPATH (same files), on a named cluster by shipping the package folders (`code_runtime_env`),
-    through RAY_ADDRESS from the job's runtime env or the cluster image.
+    A driver that joins an existing cluster passes no resources (Ray refuses them then). Workers import `weclip`:
+    locally from the driver's own environment (same interpreter, same files), on a named cluster from the copy
+    `code_runtime_env` ships, through RAY_ADDRESS from the job's runtime env or the cluster image.
     """
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     if address is not None:
         return {"address": address, "runtime_env": code_runtime_env(), **quiet}
     if os.environ.get("RAY_ADDRESS"):
         return quiet
-    return {"num_cpus": os.cpu_count(), "include_dashboard": False, "runtime_env": _local_runtime_env(), **quiet}
-
-
-def _local_runtime_env() -> dict[str, Any]:
-    path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
-    return {"env_vars": {"PYTHONPATH": path}}
+    return {"num_cpus": os.cpu_count(), "include_dashboard": False, **quiet}
 
 
 def _init_ray(address: str | None) -> None:
@@ -127,5 +141,4 @@ def _init_ray(address: str | None) -> None:
     except ValueError as err:
         if "existing cluster" not in str(err):
             raise
-        ray.init(address="auto", runtime_env=_local_runtime_env(), logging_level=kwargs["logging_level"],
-                 log_to_driver=False)
+        ray.init(address="auto", logging_level=kwargs["logging_level"], log_to_driver=False)

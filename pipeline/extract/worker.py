@@ -14,18 +14,18 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pipeline.cache.schema import CacheSpec
-from pipeline.cache.store import CacheWriter
-from pipeline.config import IGNORE_INDEX, Config
-from pipeline.data.augment import ViewParams, apply_view, draw_view, normalise, valid_mask
-from pipeline.data.images import ImageDecodeError, load_manifest_mask, load_manifest_rgb
-from pipeline.errors import ExtractError
-from pipeline.extract.plan import PlannedSample, ShardTask
-from pipeline.model.backbone import load_backbone
-from pipeline.model.cam import softmax_gradcam
-from pipeline.model.protocol import CLIPBackbone
-from pipeline.model.text import ClassSet, TextEmbeddings, text_embeddings
-from pipeline.storage import use_storage_options
+from weclip.pipeline.cache.schema import CacheSpec
+from weclip.pipeline.cache.store import CacheWriter
+from weclip.pipeline.config import IGNORE_INDEX, Config
+from weclip.pipeline.data.augment import ViewParams, apply_view, draw_view, normalise, valid_mask
+from weclip.pipeline.data.images import ImageDecodeError, load_manifest_mask, load_manifest_rgb
+from weclip.pipeline.errors import ExtractError
+from weclip.pipeline.extract.plan import PlannedSample, ShardTask
+from weclip.pipeline.model.backbone import load_backbone
+from weclip.pipeline.model.cam import softmax_gradcam
+from weclip.pipeline.model.protocol import CLIPBackbone
+from weclip.pipeline.model.text import ClassSet, TextEmbeddings, text_embeddings
+from weclip.pipeline.storage import use_storage_options
 
 
 @dataclass(frozen=True)

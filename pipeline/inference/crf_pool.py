@@ -16,9 +16,9 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
-from pipeline.config import CrfParams, EvalConfig
-from pipeline.errors import CrfError
-from pipeline.refinement.crf import crf_labels, dense_crf
+from weclip.pipeline.config import CrfParams, EvalConfig
+from weclip.pipeline.errors import CrfError
+from weclip.pipeline.refinement.crf import crf_labels, dense_crf
 
 T = TypeVar("T")
 CRF_FAULT_ENV = "WECLIP_CRF_FAULT"

@@ -14,21 +14,21 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pipeline.cache import fingerprint as fp
-from pipeline.config import Config, EvalConfig
-from pipeline.data.augment import normalise
-from pipeline.data.images import ImageDecodeError, load_manifest_rgb, load_mask
-from pipeline.data.manifest import Manifest, ManifestRow
-from pipeline.errors import EvalError, MissingFile
-from pipeline.inference.crf_pool import CrfJob
-from pipeline.inference.segment import SegFn, clipes_cam_scores, clipes_input, floor_to_patches, msc_flip_logits, resize_long_side, segment_fn, weclip_cam_maps
-from pipeline.model.backbone import load_backbone
-from pipeline.model.decoder import WeCLIPDecoder
-from pipeline.model.protocol import CLIPBackbone
-from pipeline.model.text import ClassSet, require_classes, text_embeddings
-from pipeline.refinement.crf import clipes_crf_image
-from pipeline.training.checkpoint import Checkpoint, build_decoder_from_checkpoint, load_checkpoint
-from pipeline.visualize import cam_panels
+from weclip.pipeline.cache import fingerprint as fp
+from weclip.pipeline.config import Config, EvalConfig
+from weclip.pipeline.data.augment import normalise
+from weclip.pipeline.data.images import ImageDecodeError, load_manifest_rgb, load_mask
+from weclip.pipeline.data.manifest import Manifest, ManifestRow
+from weclip.pipeline.errors import EvalError, MissingFile
+from weclip.pipeline.inference.crf_pool import CrfJob
+from weclip.pipeline.inference.segment import SegFn, clipes_cam_scores, clipes_input, floor_to_patches, msc_flip_logits, resize_long_side, segment_fn, weclip_cam_maps
+from weclip.pipeline.model.backbone import load_backbone
+from weclip.pipeline.model.decoder import WeCLIPDecoder
+from weclip.pipeline.model.protocol import CLIPBackbone
+from weclip.pipeline.model.text import ClassSet, require_classes, text_embeddings
+from weclip.pipeline.refinement.crf import clipes_crf_image
+from weclip.pipeline.training.checkpoint import Checkpoint, build_decoder_from_checkpoint, load_checkpoint
+from weclip.pipeline.visualize import cam_panels
 
 BACKGROUND = "background"
 

@@ -17,16 +17,16 @@ import torch
 from scipy import stats
 from tqdm import tqdm
 
-from pipeline.config import Config
-from pipeline.data.manifest import Manifest
-from pipeline.errors import EvalError
-from pipeline.inference.predict import clipes_tensor, read_gt, read_rgb
-from pipeline.metrics import ConfusionMatrix
-from pipeline.model.backbone import load_backbone
-from pipeline.model.cam import softmax_gradcam
-from pipeline.model.prompts import sharpness, target_scores
-from pipeline.model.text import manifest_class_set, text_embeddings
-from pipeline.refinement.refine import cams_to_labels, upsample_cams
+from weclip.pipeline.config import Config
+from weclip.pipeline.data.manifest import Manifest
+from weclip.pipeline.errors import EvalError
+from weclip.pipeline.inference.predict import clipes_tensor, read_gt, read_rgb
+from weclip.pipeline.metrics import ConfusionMatrix
+from weclip.pipeline.model.backbone import load_backbone
+from weclip.pipeline.model.cam import softmax_gradcam
+from weclip.pipeline.model.prompts import sharpness, target_scores
+from weclip.pipeline.model.text import manifest_class_set, text_embeddings
+from weclip.pipeline.refinement.refine import cams_to_labels, upsample_cams
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.files import atomic_write_text
-from pipeline.metrics import ConfusionMatrix
+from weclip.pipeline.files import atomic_write_text
+from weclip.pipeline.metrics import ConfusionMatrix
 
 REPORT_JSON, REPORT_MD, GRID_NAME = "report.json", "report.md", "visualize.png"
 

@@ -22,15 +22,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.model.protocol import Backbone, CLIPBackbone
-from pipeline.model.cam import softmax_gradcam
-from pipeline.config import Config, EvalConfig, RefineConfig
-from pipeline.model.decoder import WeCLIPDecoder
-from pipeline.refinement.par import PAR
-from pipeline.refinement.pseudo_label import online_pseudo_label
-from pipeline.refinement.refine import cam_scores, refine_cams, rfm_affinity, static_affinity, upsample_cams
-from pipeline.model.text import TextEmbeddings
-from pipeline.errors import ConfigError, DataError
+from weclip.pipeline.model.protocol import Backbone, CLIPBackbone
+from weclip.pipeline.model.cam import softmax_gradcam
+from weclip.pipeline.config import Config, EvalConfig, RefineConfig
+from weclip.pipeline.model.decoder import WeCLIPDecoder
+from weclip.pipeline.refinement.par import PAR
+from weclip.pipeline.refinement.pseudo_label import online_pseudo_label
+from weclip.pipeline.refinement.refine import cam_scores, refine_cams, rfm_affinity, static_affinity, upsample_cams
+from weclip.pipeline.model.text import TextEmbeddings
+from weclip.pipeline.errors import ConfigError, DataError
 
 # A normalised batch B×3×H×W → B×C×h×w segmentation logits at patch resolution.
 SegFn = Callable[[torch.Tensor], torch.Tensor]

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
-from pipeline.config import ModelConfig
-from pipeline.errors import BackboneError, MissingFile
-from pipeline.files import sha256_file
+from weclip.pipeline.config import ModelConfig
+from weclip.pipeline.errors import BackboneError, MissingFile
+from weclip.pipeline.files import sha256_file
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -15,10 +15,10 @@ from typing import Sequence
 
 import torch
 
-from pipeline.model.backbone import FrozenFeatures
-from pipeline.model.protocol import CLIPBackbone
-from pipeline.model.text import TextEmbeddings
-from pipeline.refinement.refine import minmax
+from weclip.pipeline.model.backbone import FrozenFeatures
+from weclip.pipeline.model.protocol import CLIPBackbone
+from weclip.pipeline.model.text import TextEmbeddings
+from weclip.pipeline.refinement.refine import minmax
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 from open_clip.transformer import QuickGELU
 from torch import Tensor, nn
 
-from pipeline.config import DecoderConfig
+from weclip.pipeline.config import DecoderConfig
 
 
 class DecoderOutput(NamedTuple):

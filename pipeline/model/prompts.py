@@ -15,9 +15,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pipeline.config import SharpnessSoftmax
-from pipeline.data.textfile import read_text
-from pipeline.errors import DataError
+from weclip.pipeline.config import SharpnessSoftmax
+from weclip.pipeline.data.textfile import read_text
+from weclip.pipeline.errors import DataError
 
 # What the softmax of a score runs over (config `text.sharpness_softmax`, docs/algorithm.md §3.4):
 # cam = the image's classes + the background prompts (the softmax its Grad-CAM differentiates, the default);

@@ -12,7 +12,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
-from pipeline.model.backbone import FrozenFeatures
+from weclip.pipeline.model.backbone import FrozenFeatures
 
 
 @runtime_checkable

@@ -12,8 +12,8 @@ from typing import Sequence
 
 import torch
 
-from pipeline.config import TextConfig
-from pipeline.errors import DataError
+from weclip.pipeline.config import TextConfig
+from weclip.pipeline.errors import DataError
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

@@ -47,13 +47,13 @@ import torch.nn.functional as F
 from open_clip.transformer import PatchDropout
 from torch import nn
 
-from pipeline.config import preset
-from pipeline.data import augment, shapes
-from pipeline.errors import ConfigError, TrainError
-from pipeline.files import atomic_write, sha256_file
-from pipeline.metrics import multi_hot, presence_map
-from pipeline.model.backbone import register_model_configs
-from pipeline.model.text import class_set
+from weclip.pipeline.config import preset
+from weclip.pipeline.data import augment, shapes
+from weclip.pipeline.errors import ConfigError, TrainError
+from weclip.pipeline.files import atomic_write, sha256_file
+from weclip.pipeline.metrics import multi_hot, presence_map
+from weclip.pipeline.model.backbone import register_model_configs
+from weclip.pipeline.model.text import class_set
 
 MAX_CHECKPOINT_BYTES = 20 * 1024 * 1024  # the shipped checkpoint must stay small enough to live in the repository
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_softmax
 
-from pipeline.config import CAFFE_BGR_MEAN, IGNORE_INDEX, CrfParams
+from weclip.pipeline.config import CAFFE_BGR_MEAN, IGNORE_INDEX, CrfParams
 
 
 def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams) -> np.ndarray:

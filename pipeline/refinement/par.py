@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ParConfig
+from weclip.pipeline.config import ParConfig
 
 PAR_EPS = 1e-8  # added to the neighbour std in both terms (AFA/WeCLIP PAR.py, §6.6)
 DIRECTIONS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))  # 3x3 minus centre

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.config import RefineConfig
-from pipeline.refinement.par import PAR
-from pipeline.refinement.refine import cam_scores, refine_cams, rfm_affinity, scores_to_labels, static_affinity, upsample_cams
+from weclip.pipeline.config import RefineConfig
+from weclip.pipeline.refinement.par import PAR
+from weclip.pipeline.refinement.refine import cam_scores, refine_cams, rfm_affinity, scores_to_labels, static_affinity, upsample_cams
 
 
 def rfm_active(step: int, refine: RefineConfig) -> bool:

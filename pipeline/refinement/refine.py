@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from pipeline.config import RefineConfig
-from pipeline.errors import ConfigError
+from weclip.pipeline.config import RefineConfig
+from weclip.pipeline.errors import ConfigError
 
 # Epsilons of the released code, not settings.
 RFM_EPS = 1e-5  # Σ G^l + 1e-5 in the RFM layer average (§6.4, §9 row 4)

@@ -23,11 +23,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline.config import Config
-from pipeline.errors import CheckpointError
-from pipeline.files import atomic_write
-from pipeline.model.decoder import WeCLIPDecoder
-from pipeline.model.text import ClassSet
+from weclip.pipeline.config import Config
+from weclip.pipeline.errors import CheckpointError
+from weclip.pipeline.files import atomic_write
+from weclip.pipeline.model.decoder import WeCLIPDecoder
+from weclip.pipeline.model.text import ClassSet
 
 FORMAT_TAG = "weclip-checkpoint"
 FORMAT_VERSION = 2  # 2: the class set the CAMs were prompted with replaces the bare class names

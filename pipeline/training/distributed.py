@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.errors import TrainError, WeclipError
-from pipeline.training.schedule import rank_rows
+from weclip.pipeline.errors import TrainError, WeclipError
+from weclip.pipeline.training.schedule import rank_rows
 
 LOOPBACK_INTERFACE = "lo0" if sys.platform == "darwin" else "lo"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError
+from weclip.pipeline.errors import ConfigError
 
 TENSORBOARD_DIR = "tensorboard"
 # metrics.jsonl key -> scalar tag; booleans are logged as 0/1

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.config import IGNORE_INDEX, LossConfig
+from weclip.pipeline.config import IGNORE_INDEX, LossConfig
 
 SEG_MODES = ("balanced", "plain")
 AFF_MODES = ("linear", "bce")

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import TrainConfig
+from weclip.pipeline.config import TrainConfig
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]], cfg: TrainConfig) -> torch.optim.AdamW:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.errors import TrainError
+from weclip.pipeline.errors import TrainError
 
 # Domains of the seeded generators, so that the order and flip streams never coincide.
 _ORDER_STREAM, _FLIP_STREAM = 0, 1

@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
-from pipeline.cache import fingerprint as fp
-from pipeline.config import Config
-from pipeline.errors import TrainError
-from pipeline.files import atomic_write_text
-from pipeline.model.decoder import WeCLIPDecoder
-from pipeline.training.checkpoint import Checkpoint, save_checkpoint
-from pipeline.training.optim import PolyWarmup
-from pipeline.training.sources import Source
+from weclip.pipeline.cache import fingerprint as fp
+from weclip.pipeline.config import Config
+from weclip.pipeline.errors import TrainError
+from weclip.pipeline.files import atomic_write_text
+from weclip.pipeline.model.decoder import WeCLIPDecoder
+from weclip.pipeline.training.checkpoint import Checkpoint, save_checkpoint
+from weclip.pipeline.training.optim import PolyWarmup
+from weclip.pipeline.training.sources import Source
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"

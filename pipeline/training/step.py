@@ -17,15 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import IGNORE_INDEX, Config
-from pipeline.errors import TrainError
-from pipeline.model.decoder import WeCLIPDecoder
-from pipeline.refinement.par import PAR
-from pipeline.refinement.pseudo_label import online_pseudo_label, rfm_active
-from pipeline.training.distributed import World
-from pipeline.training.losses import supervised_loss, total_loss
-from pipeline.training.optim import PolyWarmup
-from pipeline.training.sources import StepBatch
+from weclip.pipeline.config import IGNORE_INDEX, Config
+from weclip.pipeline.errors import TrainError
+from weclip.pipeline.model.decoder import WeCLIPDecoder
+from weclip.pipeline.refinement.par import PAR
+from weclip.pipeline.refinement.pseudo_label import online_pseudo_label, rfm_active
+from weclip.pipeline.training.distributed import World
+from weclip.pipeline.training.losses import supervised_loss, total_loss
+from weclip.pipeline.training.optim import PolyWarmup
+from weclip.pipeline.training.sources import StepBatch
 
 
 def train_step(decoder: WeCLIPDecoder | torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: PolyWarmup,

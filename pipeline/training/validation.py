@@ -14,18 +14,18 @@ from typing import Sequence
 
 import torch
 
-from pipeline.config import Config
-from pipeline.data.manifest import read_manifest
-from pipeline.errors import TrainError
-from pipeline.inference.predict import Predictor, read_gt, read_rgb
-from pipeline.inference.segment import segment_fn
-from pipeline.metrics import ConfusionMatrix
-from pipeline.model.backbone import load_backbone
-from pipeline.model.decoder import WeCLIPDecoder
-from pipeline.model.protocol import CLIPBackbone
-from pipeline.model.text import ClassSet, require_classes
-from pipeline.training.checkpoint import Checkpoint, decoder_args
-from pipeline.training.distributed import World
+from weclip.pipeline.config import Config
+from weclip.pipeline.data.manifest import read_manifest
+from weclip.pipeline.errors import TrainError
+from weclip.pipeline.inference.predict import Predictor, read_gt, read_rgb
+from weclip.pipeline.inference.segment import segment_fn
+from weclip.pipeline.metrics import ConfusionMatrix
+from weclip.pipeline.model.backbone import load_backbone
+from weclip.pipeline.model.decoder import WeCLIPDecoder
+from weclip.pipeline.model.protocol import CLIPBackbone
+from weclip.pipeline.model.text import ClassSet, require_classes
+from weclip.pipeline.training.checkpoint import Checkpoint, decoder_args
+from weclip.pipeline.training.distributed import World
 
 
 class Validator:

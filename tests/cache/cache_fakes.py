@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache.fingerprint import make_fingerprint
-from pipeline.cache.schema import CacheSpec
+from weclip.pipeline.cache.fingerprint import make_fingerprint
+from weclip.pipeline.cache.schema import CacheSpec
 
 VIEWS = 2
 IMAGES = 5

@@ -18,9 +18,9 @@ from zarr.storage import LocalStore, MemoryStore, WrapperStore
 from tests.cache import cache_fakes as fk
 from tests.cache.cache_fakes import ARRAY_NAMES
 
-from pipeline.cache.fastread import EMPTY, BatchReader, coalesce
-from pipeline.cache.store import CacheReader, CacheWriter
-from pipeline.errors import CacheError
+from weclip.pipeline.cache.fastread import EMPTY, BatchReader, coalesce
+from weclip.pipeline.cache.store import CacheReader, CacheWriter
+from weclip.pipeline.errors import CacheError
 
 COMPRESSORS = ("none", "zstd", "blosc-lz4", "blosc-zstd:1", "blosc-lz4-bit", "blosc-zstd-bit")
 

@@ -10,12 +10,12 @@ import pytest
 
 from tests.cache import cache_fakes as fk
 
-from pipeline.cache.fingerprint import (canonical_json, checkpoint_identity, diff, fingerprint_from_config,
+from weclip.pipeline.cache.fingerprint import (canonical_json, checkpoint_identity, diff, fingerprint_from_config,
                                         make_fingerprint, manifest_sha256)
-from pipeline.cache.store import CacheReader, CacheWriter
-from pipeline.config import preset
-from pipeline.errors import CacheError
-from stages import train
+from weclip.pipeline.cache.store import CacheReader, CacheWriter
+from weclip.pipeline.config import preset
+from weclip.pipeline.errors import CacheError
+from weclip.stages import train
 
 
 def sorted_json_sha256(body: dict) -> str:

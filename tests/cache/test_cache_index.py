@@ -12,10 +12,10 @@ import pytest
 from tests.cache import cache_fakes as fk
 from tests.cache.cache_fakes import ARRAY_NAMES
 
-from pipeline.cache.index import ShardCommit, build_tables, parse_commits
-from pipeline.cache.schema import ROW_TYPES, SKIPPED_TYPES, commit_key, shard_types
-from pipeline.cache.store import CacheReader, CacheWriter
-from pipeline.errors import CacheError
+from weclip.pipeline.cache.index import ShardCommit, build_tables, parse_commits
+from weclip.pipeline.cache.schema import ROW_TYPES, SKIPPED_TYPES, commit_key, shard_types
+from weclip.pipeline.cache.store import CacheReader, CacheWriter
+from weclip.pipeline.errors import CacheError
 
 SPEC = fk.tiny_spec(total_samples=40, samples_per_shard=8)  # shards 0..4
 

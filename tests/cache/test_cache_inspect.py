@@ -8,8 +8,8 @@ from pathlib import Path
 from tests.cache import cache_fakes as fk
 from tests.cache.cache_fakes import ARRAY_NAMES
 
-from pipeline.cache.store import CacheWriter
-from stages import inspect
+from weclip.pipeline.cache.store import CacheWriter
+from weclip.stages import inspect
 
 
 def test_inspect_small_cache(tmp_path):

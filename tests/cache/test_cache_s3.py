@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from pipeline.cache.schema import COMMIT_PREFIX
-from pipeline.cache.store import CacheReader, CacheWriter, _list_commits
+from weclip.pipeline.cache.schema import COMMIT_PREFIX
+from weclip.pipeline.cache.store import CacheReader, CacheWriter, _list_commits
 from tests.cache import cache_fakes as cf
 from tests.s3_fakes import moto_server, s3  # noqa: F401  (fixtures)
 

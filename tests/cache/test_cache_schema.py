@@ -12,8 +12,8 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from tests.cache import cache_fakes as fk
 from tests.cache.cache_fakes import ARRAY_NAMES
 
-from pipeline.cache.schema import CacheSpec, bfloat16_bits, bfloat16_to_float32, compressor_codecs
-from pipeline.errors import CacheError, ConfigError
+from weclip.pipeline.cache.schema import CacheSpec, bfloat16_bits, bfloat16_to_float32, compressor_codecs
+from weclip.pipeline.errors import CacheError, ConfigError
 
 
 def test_vit_b16_shapes_and_sizes():
@@ -168,8 +168,8 @@ def test_gt_mask_crops_are_an_optional_array():
 def test_a_spec_recorded_before_masks_existed_reopens(tmp_path):
     """A cache whose recorded spec has no `masks` key (made before the field) resumes without a mismatch."""
     import zarr
-    from pipeline.cache.schema import ROOT_ATTR
-    from pipeline.cache.store import CacheWriter
+    from weclip.pipeline.cache.schema import ROOT_ATTR
+    from weclip.pipeline.cache.store import CacheWriter
 
     spec, fingerprint = fk.tiny_spec(), fk.tiny_fingerprint()
     CacheWriter.create_or_open(str(tmp_path), spec, fingerprint)

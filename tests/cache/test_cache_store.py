@@ -19,9 +19,9 @@ from zarr.storage import FsspecStore, LocalStore, MemoryStore, WrapperStore
 from tests.cache import cache_fakes as fk
 from tests.cache.cache_fakes import ARRAY_NAMES
 
-from pipeline.cache.schema import INDEX_KEY, SHARDS_KEY, commit_key
-from pipeline.cache.store import CacheReader, CacheWriter, FingerprintMismatch, NotACache
-from pipeline.errors import CacheError, StorageError
+from weclip.pipeline.cache.schema import INDEX_KEY, SHARDS_KEY, commit_key
+from weclip.pipeline.cache.store import CacheReader, CacheWriter, FingerprintMismatch, NotACache
+from weclip.pipeline.errors import CacheError, StorageError
 
 
 def expected(spec, rows: list[int]) -> dict[str, np.ndarray]:

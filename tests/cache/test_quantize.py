@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import quantize as qz
-from pipeline.errors import CacheError
+from weclip.pipeline.cache import quantize as qz
+from weclip.pipeline.errors import CacheError
 
 ONE_LE = [0, 0, 128, 63]  # float32 1.0 = 0x3F800000, little-endian bytes
 

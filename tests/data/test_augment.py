@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.augment import ViewParams, apply_view, draw_view, normalise, valid_mask
-from pipeline.config import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, AugConfig
+from weclip.pipeline.data.augment import ViewParams, apply_view, draw_view, normalise, valid_mask
+from weclip.pipeline.config import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, AugConfig
 
 CFG = AugConfig(crop=32, scale_range=(0.5, 2.0), flip_prob=0.5)
 

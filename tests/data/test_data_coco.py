@@ -9,10 +9,10 @@ import pytest
 
 from tests.data import data_fakes as fk
 
-from pipeline.data.coco import category_map, mask_name, read_coco
-from pipeline.data.manifest import validate
-from pipeline.errors import DataError
-from pipeline.model.text import COCO_CLASSES
+from weclip.pipeline.data.coco import category_map, mask_name, read_coco
+from weclip.pipeline.data.manifest import validate
+from weclip.pipeline.errors import DataError
+from weclip.pipeline.model.text import COCO_CLASSES
 
 OURS = {c["id"]: COCO_CLASSES.index(n) for c, n in zip(fk.COCO_CATEGORIES, [
     "person", "motorbike", "aeroplane", "sofa", "pottedplant", "diningtable", "tvmonitor", "toothbrush"])}

@@ -8,9 +8,9 @@ import pytest
 
 from tests.data import data_fakes as fk
 
-from pipeline.data.folder import load_class_names, parse_labels, read_folder
-from pipeline.data.manifest import validate
-from pipeline.errors import DataError, StorageError
+from weclip.pipeline.data.folder import load_class_names, parse_labels, read_folder
+from weclip.pipeline.data.manifest import validate
+from weclip.pipeline.errors import DataError, StorageError
 
 NAMES = ("cat", "dog", "traffic light", "tree")
 

@@ -9,8 +9,8 @@ from PIL import Image
 
 from tests.data import data_fakes as fk
 
-from pipeline.data.images import ImageDecodeError, check_image, load_mask, load_rgb
-from pipeline.errors import DataError
+from weclip.pipeline.data.images import ImageDecodeError, check_image, load_mask, load_rgb
+from weclip.pipeline.errors import DataError
 
 
 def test_png_named_jpg_is_sniffed_and_lossless(tmp_path):

@@ -11,10 +11,10 @@ import pytest
 
 from tests.data import data_fakes as fk
 
-from pipeline.data.manifest import (Candidate, ManifestRow, Reject, arrow_schema, manifest_target, mask_labels,
+from weclip.pipeline.data.manifest import (Candidate, ManifestRow, Reject, arrow_schema, manifest_target, mask_labels,
                                     read_id_list, read_manifest, read_rejects, rejects_path, schema_spec, validate,
                                     write_manifest, write_rejects)
-from pipeline.errors import DataError, StorageError
+from weclip.pipeline.errors import DataError, StorageError
 
 
 def uint8_trick(mask: np.ndarray) -> tuple[int, ...]:

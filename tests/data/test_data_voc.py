@@ -8,10 +8,10 @@ from PIL import Image
 
 from tests.data import data_fakes as fk
 
-from pipeline.data.manifest import validate
-from pipeline.data.voc import read_voc
-from pipeline.errors import DataError
-from pipeline.model.text import VOC_CLASSES
+from weclip.pipeline.data.manifest import validate
+from weclip.pipeline.data.voc import read_voc
+from weclip.pipeline.errors import DataError
+from weclip.pipeline.model.text import VOC_CLASSES
 
 CAT, DOG, PERSON = VOC_CLASSES.index("cat"), VOC_CLASSES.index("dog"), VOC_CLASSES.index("person")
 

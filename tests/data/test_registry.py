@@ -7,13 +7,13 @@ import pytest
 
 from tests.data import data_fakes as fk
 
-from pipeline.data.coco import read_coco
-from pipeline.data.folder import read_folder
-from pipeline.data.manifest import Candidate, Listing
-from pipeline.data.registry import Inputs, Layout, layout, names, resolve_classes
-from pipeline.data.voc import read_voc
-from pipeline.errors import DataError
-from pipeline.model.text import COCO_CLASSES, VOC_CLASSES, class_set
+from weclip.pipeline.data.coco import read_coco
+from weclip.pipeline.data.folder import read_folder
+from weclip.pipeline.data.manifest import Candidate, Listing
+from weclip.pipeline.data.registry import Inputs, Layout, layout, names, resolve_classes
+from weclip.pipeline.data.voc import read_voc
+from weclip.pipeline.errors import DataError
+from weclip.pipeline.model.text import COCO_CLASSES, VOC_CLASSES, class_set
 
 
 def test_the_four_formats():

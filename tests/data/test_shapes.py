@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import preset
-from pipeline.data import shapes
-from pipeline.data.images import load_mask, load_rgb
-from pipeline.model.text import SHAPES_CLASSES, class_set, prompts
+from weclip.pipeline.config import preset
+from weclip.pipeline.data import shapes
+from weclip.pipeline.data.images import load_mask, load_rgb
+from weclip.pipeline.model.text import SHAPES_CLASSES, class_set, prompts
 
 TEMPLATE = preset("shapes").text.template
 
@@ -141,7 +141,7 @@ def test_files_are_readable_voc_layout(tmp_path):
 
 
 def test_the_manifest_stage_reads_the_world(tmp_path):
-    from stages import manifest
+    from weclip.stages import manifest
 
     root = tmp_path / "world"
     shapes.generate(root, "val", 4, seed=5, size=96)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.data.textfile import MissingFileError, line_number, read_text
-from pipeline.errors import DataError, StorageError
+from weclip.pipeline.data.textfile import MissingFileError, line_number, read_text
+from weclip.pipeline.errors import DataError, StorageError
 
 
 def test_utf8_with_or_without_bom(tmp_path):

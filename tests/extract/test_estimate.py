@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from tests import conftest
-from pipeline.config import preset
-from pipeline.data.manifest import ManifestRow, read_manifest, write_manifest
-from pipeline.errors import BackboneError, ConfigError
-from pipeline.extract import estimate
-from pipeline.extract.plan import ExtractPlan, cache_layout, make_plan
-from pipeline.model.text import VOC_CLASSES
+from weclip.pipeline.config import preset
+from weclip.pipeline.data.manifest import ManifestRow, read_manifest, write_manifest
+from weclip.pipeline.errors import BackboneError, ConfigError
+from weclip.pipeline.extract import estimate
+from weclip.pipeline.extract.plan import ExtractPlan, cache_layout, make_plan
+from weclip.pipeline.model.text import VOC_CLASSES
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "cache_storage.json"
 VOC = preset("voc")

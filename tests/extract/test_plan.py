@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.extract.plan import resolved_paths
+from weclip.pipeline.extract.plan import resolved_paths
 
 
 def test_resolved_paths_equal_path_resolve(tmp_path, monkeypatch):

@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.model.backbone import block_forward
-from pipeline.config import EvalConfig, RefineConfig
-from pipeline.model.decoder import DecoderConfig, WeCLIPDecoder
-from pipeline.inference.segment import (ImageTooSmall, check_msc_size, clipes_cam_scores, msc_sizes, clipes_input, floor_to_patches, msc_flip_logits,
+from weclip.pipeline.model.backbone import block_forward
+from weclip.pipeline.config import EvalConfig, RefineConfig
+from weclip.pipeline.model.decoder import DecoderConfig, WeCLIPDecoder
+from weclip.pipeline.inference.segment import (ImageTooSmall, check_msc_size, clipes_cam_scores, msc_sizes, clipes_input, floor_to_patches, msc_flip_logits,
                                 resize_long_side, segment_fn)
-from pipeline.model.text import TextEmbeddings
+from weclip.pipeline.model.text import TextEmbeddings
 
 H, W = 50, 37  # neither a multiple of 16
 

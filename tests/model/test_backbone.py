@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from pipeline.model.backbone import FrozenCLIP, block_forward, register_model_configs, resize_pos_embed
+from weclip.pipeline.model.backbone import FrozenCLIP, block_forward, register_model_configs, resize_pos_embed
 from tests.conftest import TINY_CONFIG, TINY_NAME, build_tiny_backbone
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.model.backbone import FrozenCLIP, block_forward
-from pipeline.model.cam import cam_from_gradient, softmax_gradcam, softmax_gradcam_loop
-from pipeline.model.text import TextEmbeddings
-from pipeline.refinement.refine import box_masks
+from weclip.pipeline.model.backbone import FrozenCLIP, block_forward
+from weclip.pipeline.model.cam import cam_from_gradient, softmax_gradcam, softmax_gradcam_loop
+from weclip.pipeline.model.text import TextEmbeddings
+from weclip.pipeline.refinement.refine import box_masks
 
 # Random weights with OpenAI's scale (100) saturate the softmax and give ~1e-20 gradients, CAMs that the 1e-7 of the
 # min-max would dominate. A soft scale keeps every target's gradient ~1e-3, so the comparisons below mean something.

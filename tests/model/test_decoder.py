@@ -9,8 +9,8 @@ from open_clip.transformer import QuickGELU
 from open_clip.transformer import ResidualAttentionBlock as OpenClipBlock
 from torch import nn
 
-from pipeline.config import DecoderConfig
-from pipeline.model.decoder import BlockMLPs, WeCLIPDecoder
+from weclip.pipeline.config import DecoderConfig
+from weclip.pipeline.model.decoder import BlockMLPs, WeCLIPDecoder
 
 TINY = DecoderConfig(embed_dim=32, layers=2, heads=4, mlp_dim=128, dropout=0.1)
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
-from pipeline.config import TextConfig
-from pipeline.errors import DataError, WeclipError
-from pipeline.model import prompts
+from weclip.pipeline.config import TextConfig
+from weclip.pipeline.errors import DataError, WeclipError
+from weclip.pipeline.model import prompts
 
 
 def test_sharpness_is_the_sum_of_variances_over_the_sum_of_means():

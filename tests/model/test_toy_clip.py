@@ -15,19 +15,19 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from cli import app
-from pipeline.files import sha256_file
-from pipeline.model.backbone import MODEL_CONFIG_DIR, FrozenCLIP, register_model_configs
-from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, preset
-from pipeline.data import shapes
-from pipeline.errors import ConfigError
-from pipeline.metrics import average_precision, multi_hot, presence_map
-from pipeline.model.text import class_set, prompts
-from pipeline.files import REPO_ROOT, repo_relative
-from pipeline.model.toy_clip import (MAX_CHECKPOINT_BYTES, CaptionSpec, ToyClipRecipe, contrastive_loss,
+from weclip.cli import app
+from weclip.pipeline.files import sha256_file
+from weclip.pipeline.model.backbone import MODEL_CONFIG_DIR, FrozenCLIP, register_model_configs
+from weclip.pipeline.config import IMAGENET_MEAN, IMAGENET_STD, preset
+from weclip.pipeline.data import shapes
+from weclip.pipeline.errors import ConfigError
+from weclip.pipeline.metrics import average_precision, multi_hot, presence_map
+from weclip.pipeline.model.text import class_set, prompts
+from weclip.pipeline.files import REPO_ROOT, repo_relative
+from weclip.pipeline.model.toy_clip import (MAX_CHECKPOINT_BYTES, CaptionSpec, ToyClipRecipe, contrastive_loss,
                                      hard_negative, held_out, learning_rate, normalise, patch_dropout_at,
                                      presence_scores, sample_caption, save_fp16, train, truth_matrix)
-from stages import toy_clip as stage
+from weclip.stages import toy_clip as stage
 from tests.bench import load_benchmark
 
 TESTS = Path(__file__).resolve().parents[1]

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipeline.config import CLIPES_CRF, IGNORE_INDEX, WECLIP_CRF
-from pipeline.refinement.crf import clipes_crf_image, crf_labels, dense_crf
+from weclip.pipeline.config import CLIPES_CRF, IGNORE_INDEX, WECLIP_CRF
+from weclip.pipeline.refinement.crf import clipes_crf_image, crf_labels, dense_crf
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ParConfig
-from pipeline.refinement.par import PAR, neighbour_offsets
+from weclip.pipeline.config import ParConfig
+from weclip.pipeline.refinement.par import PAR, neighbour_offsets
 
 
 def _par_reference(image: np.ndarray, masks: np.ndarray, dilations, num_iter, w1, w2) -> np.ndarray:

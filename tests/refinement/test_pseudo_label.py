@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ParConfig, RefineConfig
-from pipeline.refinement.par import PAR
-from pipeline.refinement.pseudo_label import online_pseudo_label, rfm_active
-from pipeline.refinement.refine import box_masks
+from weclip.pipeline.config import ParConfig, RefineConfig
+from weclip.pipeline.refinement.par import PAR
+from weclip.pipeline.refinement.pseudo_label import online_pseudo_label, rfm_active
+from weclip.pipeline.refinement.refine import box_masks
 
 REFINE = RefineConfig(static_layers=3, rfm_layers=3, box_threshold=0.4, rfm_start_iter=7)
 PAR_CFG = ParConfig(num_iter=4, dilations=(1, 2, 4))

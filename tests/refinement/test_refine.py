@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import RefineConfig
-from pipeline.refinement.refine import (box_masks, cam_keys, cam_scores, cams_to_labels, minmax, refine_cams,
+from weclip.pipeline.config import RefineConfig
+from weclip.pipeline.refinement.refine import (box_masks, cam_keys, cam_scores, cams_to_labels, minmax, refine_cams,
                              rfm_affinity, rfm_layer_mask, scores_to_labels, sinkhorn, static_affinity,
                              transition, upsample_cams)
 

@@ -10,15 +10,15 @@ import torch
 from tests.data import data_fakes as fk
 
 from tests import conftest
-from pipeline.cache.fingerprint import fingerprint_from_config
-from pipeline.training.checkpoint import save_checkpoint
-from pipeline.config import Config
-from pipeline.data.manifest import read_manifest
-from pipeline.model.decoder import WeCLIPDecoder
-from pipeline.model.backbone import load_backbone
-from pipeline.training.optim import PolyWarmup, build_optimizer
-from pipeline.model.text import manifest_class_set
-from stages import manifest as manifest_stage
+from weclip.pipeline.cache.fingerprint import fingerprint_from_config
+from weclip.pipeline.training.checkpoint import save_checkpoint
+from weclip.pipeline.config import Config
+from weclip.pipeline.data.manifest import read_manifest
+from weclip.pipeline.model.decoder import WeCLIPDecoder
+from weclip.pipeline.model.backbone import load_backbone
+from weclip.pipeline.training.optim import PolyWarmup, build_optimizer
+from weclip.pipeline.model.text import manifest_class_set
+from weclip.stages import manifest as manifest_stage
 
 TESTS = Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(conftest.TINY_CONFIG)  # passed on to Ray workers and child processes

@@ -12,10 +12,10 @@ import pyarrow as pa
 from tests.data import data_fakes as fk
 
 from tests import conftest
-from pipeline.cache import store
-from pipeline.cache.store import CacheReader
-from pipeline.config import Config
-from stages import manifest as manifest_stage
+from weclip.pipeline.cache import store
+from weclip.pipeline.cache.store import CacheReader
+from weclip.pipeline.config import Config
+from weclip.stages import manifest as manifest_stage
 
 TESTS = Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(conftest.TINY_CONFIG)  # passed on to Ray workers and child processes

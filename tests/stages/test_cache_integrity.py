@@ -9,10 +9,10 @@ import pytest
 
 from tests.stages import extract_fakes as xf
 
-from pipeline.cache.schema import commit_key
-from pipeline.cache.store import CacheReader
-from pipeline.errors import CacheError, TrainError
-from stages import extract, inspect, train
+from weclip.pipeline.cache.schema import commit_key
+from weclip.pipeline.cache.store import CacheReader
+from weclip.pipeline.errors import CacheError, TrainError
+from weclip.stages import extract, inspect, train
 
 CFG = xf.tiny_config()
 # Training settings that fit the tiny cache (attention of 2 blocks) and run a step in a moment.

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from cli import app
-from pipeline.cache.store import CacheReader
+from weclip.cli import app
+from weclip.pipeline.cache.store import CacheReader
 
 
 def test_demo_quick_runs_every_stage_and_prints_the_table(tmp_path: Path) -> None:

@@ -13,18 +13,18 @@ from PIL import Image
 
 from tests.stages import eval_fakes as ef
 
-from pipeline.model.text import class_set
-from pipeline.data.augment import normalise
-from pipeline.training.checkpoint import build_decoder_from_checkpoint, load_checkpoint
-from pipeline.config import WECLIP_CRF
-from pipeline.refinement.crf import dense_crf
-from pipeline.data.images import load_mask, load_rgb
-from pipeline.data.manifest import read_manifest, write_manifest
-from pipeline.model.backbone import load_backbone
-from pipeline.inference.segment import msc_flip_logits, segment_fn
-from pipeline.palette import VOC_COLORMAP
-from pipeline.inference import crf_pool
-from stages import evaluate
+from weclip.pipeline.model.text import class_set
+from weclip.pipeline.data.augment import normalise
+from weclip.pipeline.training.checkpoint import build_decoder_from_checkpoint, load_checkpoint
+from weclip.pipeline.config import WECLIP_CRF
+from weclip.pipeline.refinement.crf import dense_crf
+from weclip.pipeline.data.images import load_mask, load_rgb
+from weclip.pipeline.data.manifest import read_manifest, write_manifest
+from weclip.pipeline.model.backbone import load_backbone
+from weclip.pipeline.inference.segment import msc_flip_logits, segment_fn
+from weclip.pipeline.palette import VOC_COLORMAP
+from weclip.pipeline.inference import crf_pool
+from weclip.stages import evaluate
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import cli
+from weclip import cli
 from tests.stages import eval_fakes as ef
 
-from pipeline.errors import CheckpointError
-from pipeline.training.checkpoint import load_checkpoint
-from stages import evaluate, export
+from weclip.pipeline.errors import CheckpointError
+from weclip.pipeline.training.checkpoint import load_checkpoint
+from weclip.stages import evaluate, export
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,15 @@ import torch
 from tests.stages import extract_fakes as xf
 
 from tests.conftest import build_tiny_backbone
-from pipeline.data.augment import ViewParams, apply_view, draw_view, normalise, valid_mask
-from pipeline.cache.schema import commit_key
-from pipeline.cache.store import CacheReader, FingerprintMismatch
-from pipeline.model.cam import softmax_gradcam
-from pipeline.data.images import load_rgb
-from pipeline.data.manifest import read_manifest
-from pipeline.extract.plan import make_plan
-from pipeline.model.text import class_set, text_embeddings
-from stages import extract
+from weclip.pipeline.data.augment import ViewParams, apply_view, draw_view, normalise, valid_mask
+from weclip.pipeline.cache.schema import commit_key
+from weclip.pipeline.cache.store import CacheReader, FingerprintMismatch
+from weclip.pipeline.model.cam import softmax_gradcam
+from weclip.pipeline.data.images import load_rgb
+from weclip.pipeline.data.manifest import read_manifest
+from weclip.pipeline.extract.plan import make_plan
+from weclip.pipeline.model.text import class_set, text_embeddings
+from weclip.stages import extract
 
 CFG = xf.tiny_config()
 

@@ -15,11 +15,11 @@ import torch
 
 from tests.stages import extract_fakes as xf
 
-import cli
-from pipeline.cache import store
-from pipeline.errors import ConfigError, ExtractError
-from pipeline.extract import ray_runner
-from stages import extract
+from weclip import cli
+from weclip.pipeline.cache import store
+from weclip.pipeline.errors import ConfigError, ExtractError
+from weclip.pipeline.extract import ray_runner
+from weclip.stages import extract
 
 WORKTREE = Path(__file__).resolve().parents[2]
 RECORD_ENV = "WECLIP_TEST_RECORD"  # folder the worker-side hooks below write to
@@ -67,7 +67,7 @@ def inline_reference(tmp_path: Path, manifest: Path, cfg) -> tuple[dict[int, str
 
 def record_worker_env() -> None:
     """Ray `worker_process_setup_hook`: write this worker's SECRET_ENV value and its `pipeline` package folder."""
-    import pipeline
+    from weclip import pipeline
 
     record = {"secret": os.environ.get(SECRET_ENV), "pipeline": str(Path(pipeline.__file__).parent)}
     (Path(os.environ[RECORD_ENV]) / f"{os.getpid()}.json").write_text(json.dumps(record))
@@ -111,7 +111,7 @@ def test_cluster_address_matches_inline_and_records_unreadable_image(tmp_path, o
     try:
         assert len(ray.nodes()) == 2
         assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
-        where = ray.get(ray.remote(lambda: __import__("pipeline").__file__).remote())
+        where = ray.get(ray.remote(lambda: __import__("weclip").__file__).remote())
     finally:
         ray.shutdown()
     assert "/runtime_resources/py_modules_files/" in where
@@ -128,7 +128,7 @@ def test_runtime_env_reaches_workers_and_is_never_printed(tmp_path, cluster):
     record.mkdir()
     ray.init(address=cluster.address, logging_level="error", log_to_driver=False,
              runtime_env={"env_vars": {RECORD_ENV: str(record)},
-                          "worker_process_setup_hook": f"{__name__}.record_worker_env"})
+                          "worker_process_setup_hook": "tests.stages.test_extract_cluster.record_worker_env"})
     try:
         summary = extract.run(xf.tiny_config(cpus_per_task=1), manifest, tmp_path / "ray", executor="ray",
                               progress=False, model_configs=[xf.TINY_CONFIG],
@@ -183,7 +183,7 @@ def test_a_node_removed_mid_shard_is_survived(tmp_path, one_thread):
     try:
         ray.init(address=cluster.address, logging_level="error", log_to_driver=False,
                  runtime_env={"env_vars": {RECORD_ENV: str(record)},
-                              "worker_process_setup_hook": f"{__name__}.stall_on_marked_node"})
+                              "worker_process_setup_hook": "tests.stages.test_extract_cluster.stall_on_marked_node"})
         remover = threading.Thread(target=remove_when_busy, daemon=True)
         remover.start()
         summary = extract.run(cfg, manifest, tmp_path / "ray", executor="ray", progress=False,
@@ -214,17 +214,29 @@ def test_check_feasible_needs_one_node_holding_the_whole_request():
 
 
 @pytest.mark.parametrize("layout", ["source checkout", "installed"])
-def test_code_runtime_env_ships_only_the_worker_packages(tmp_path, monkeypatch, layout):
-    """From a checkout and from site-packages alike, a named cluster gets the `pipeline` and `manifests` folders as
-    py_modules, never the folder holding them (site-packages: the whole environment) as working_dir."""
-    root = ray_runner.PROJECT_ROOT if layout == "source checkout" else tmp_path / "lib/python3.11/site-packages"
+def test_code_runtime_env_ships_only_the_worker_code(tmp_path, monkeypatch, layout):
+    """From a checkout and from site-packages alike, a named cluster gets one py_module named `weclip` holding the
+    library and the manifest schema, never the folder around it (site-packages: the whole environment)."""
     if layout == "installed":
-        for package in ("pipeline", "manifests", "torch", "numpy"):
-            (root / package).mkdir(parents=True)
-        monkeypatch.setattr(ray_runner, "PROJECT_ROOT", root)
+        root = tmp_path / "lib/python3.11/site-packages/weclip"
+        for folder in ("pipeline/cache", "manifests", "stages", "../torch"):
+            (root / folder).mkdir(parents=True)
+        for file in ("__init__.py", "cli.py", "pipeline/__init__.py", "pipeline/cache/store.py",
+                     "manifests/manifest_schema.json", "../torch/__init__.py"):
+            (root / file).write_text("# " + file)
+        monkeypatch.setattr(ray_runner, "PACKAGE_ROOT", root)
     env = ray_runner.ray_init_kwargs("127.0.0.1:1")["runtime_env"]
-    assert env == {"py_modules": [str(root / "pipeline"), str(root / "manifests")], "excludes": ["**/__pycache__/"]}
-    assert all(Path(p).is_dir() for p in env["py_modules"])
+    assert env["excludes"] == ["**/__pycache__/"] and len(env["py_modules"]) == 1
+    shipped = Path(env["py_modules"][0])
+    assert shipped.name == "weclip"
+    files = {p.relative_to(shipped).as_posix() for p in shipped.rglob("*") if p.is_file()}
+    expected = {p.relative_to(ray_runner.PACKAGE_ROOT).as_posix()
+                for name in ("__init__.py", "pipeline", "manifests")
+                for p in ([ray_runner.PACKAGE_ROOT / name] if name.endswith(".py")
+                          else (ray_runner.PACKAGE_ROOT / name).rglob("*"))
+                if p.is_file() and "__pycache__" not in p.parts}
+    assert files == expected and "pipeline/cache/store.py" in files and "manifests/manifest_schema.json" in files
+    assert not any(f.startswith(("stages/", "tests/", "cli.py")) for f in files)
 
 
 def test_parse_runtime_env_reads_json_or_a_file_and_never_quotes_it(tmp_path):

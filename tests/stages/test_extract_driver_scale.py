@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tests.bench import load_benchmark
 
-from pipeline.cache.store import CacheReader
+from weclip.pipeline.cache.store import CacheReader
 
 IMAGES = 600
 

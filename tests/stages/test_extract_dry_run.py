@@ -8,9 +8,9 @@ import pytest
 from tests.stages import extract_fakes as xf
 
 from tests.test_cli import run_cli, user_error
-from pipeline.cache.store import CacheReader
-from pipeline.errors import ConfigError
-from stages import extract
+from weclip.pipeline.cache.store import CacheReader
+from weclip.pipeline.errors import ConfigError
+from weclip.stages import extract
 
 CFG = xf.tiny_config(compressor="none", features_compressor="none", attn_compressor="none")  # 8-bit, uncompressed
 

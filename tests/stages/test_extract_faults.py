@@ -13,9 +13,9 @@ import pytest
 
 from tests.stages import extract_fakes as xf
 
-from pipeline.cache.schema import commit_key
-from pipeline.cache.store import CacheReader
-from stages import extract
+from weclip.pipeline.cache.schema import commit_key
+from weclip.pipeline.cache.store import CacheReader
+from weclip.stages import extract
 
 CFG = xf.tiny_config()
 KILLED_SHARD = 2
@@ -28,8 +28,8 @@ BROKEN = {"c": "image_corrupt", "e": "image_empty", "f": "image_missing"}
 CHILD = r"""
 import json, sys
 from tests.stages import extract_fakes as xf
-from pipeline.config import Config
-from stages import extract
+from weclip.pipeline.config import Config
+from weclip.stages import extract
 
 args = json.loads(sys.argv[1])
 xf.die_inside_shard(args["shard"], args["point"])

@@ -9,8 +9,8 @@ import torch
 
 from tests.stages import extract_fakes as xf
 
-from pipeline.extract import ray_runner
-from stages import extract
+from weclip.pipeline.extract import ray_runner
+from weclip.stages import extract
 
 
 def test_local_ray_matches_inline(tmp_path):

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-import cli
-from pipeline.cache.schema import commit_key
-from pipeline.cache.store import CacheReader
-from pipeline.data.manifest import read_manifest
-from pipeline.storage import use_storage_options
-from stages import extract
+from weclip import cli
+from weclip.pipeline.cache.schema import commit_key
+from weclip.pipeline.cache.store import CacheReader
+from weclip.pipeline.data.manifest import read_manifest
+from weclip.pipeline.storage import use_storage_options
+from weclip.stages import extract
 from tests.s3_fakes import clear_clients, moto_server, refusing_credentials, s3  # noqa: F401  (fixtures)
 from tests.stages import extract_fakes as xf
 
@@ -40,7 +40,7 @@ TRAIN_SETS = ["train.iterations=2", "train.batch_size=2", "train.checkpoint_ever
 CHILD = r"""
 import sys
 import tempfile
-import cli
+from weclip import cli
 from tests.stages import extract_fakes as xf
 xf.die_inside_shard(int(sys.argv[1]), "after_some_arrays")
 cli.main(sys.argv[2:])

@@ -11,10 +11,10 @@ from PIL import Image
 
 from tests.stages import eval_fakes as ef
 
-from pipeline.data.images import load_rgb
-from pipeline.palette import VOC_COLORMAP
-from pipeline.inference import crf_pool
-from stages import evaluate, infer
+from weclip.pipeline.data.images import load_rgb
+from weclip.pipeline.palette import VOC_COLORMAP
+from weclip.pipeline.inference import crf_pool
+from weclip.stages import evaluate, infer
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ import pytest
 
 from tests.data import data_fakes as fk
 
-from pipeline.config import ManifestConfig
-from pipeline.data import registry
-from pipeline.data.manifest import read_manifest, read_rejects
-from pipeline.errors import DataError, StorageError
-from pipeline.model.text import COCO_CLASSES, VOC_CLASSES, class_set
-from stages.manifest import run
+from weclip.pipeline.config import ManifestConfig
+from weclip.pipeline.data import registry
+from weclip.pipeline.data.manifest import read_manifest, read_rejects
+from weclip.pipeline.errors import DataError, StorageError
+from weclip.pipeline.model.text import COCO_CLASSES, VOC_CLASSES, class_set
+from weclip.stages.manifest import run
 
 CFG = ManifestConfig(decode_threads=2)
 
@@ -31,7 +31,7 @@ def test_voc_end_to_end(tmp_path):
     m = read_manifest(s.manifest_path)
     assert [r.image_id for r in m.rows] == ["a", "b"] and m.rows[0].labels == (7, 11)
     assert m.dataset == "voc" and m.class_set == "voc" and m.class_names == VOC_CLASSES
-    assert m.root == root.resolve() and "stages.manifest.run('voc'" in m.command
+    assert m.root == root.resolve() and "weclip.stages.manifest.run('voc'" in m.command
     assert {r.reason for r in read_rejects(s.rejects_path)} == {"image_empty", "no_foreground"}
     assert json.loads(json.dumps(s.to_dict()))["images"] == 2
 

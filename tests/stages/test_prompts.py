@@ -14,18 +14,18 @@ import torch
 from tests.stages import eval_fakes as ef
 from tests.test_cli import run_cli, user_error
 
-from pipeline.config import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.data.images import load_mask, load_rgb
-from pipeline.data.manifest import read_manifest
-from pipeline.errors import ConfigError, EvalError
-from pipeline.inference.prompt_search import score_templates
-from pipeline.inference.segment import clipes_input
-from pipeline.metrics import ConfusionMatrix
-from pipeline.model.backbone import load_backbone
-from pipeline.model.cam import softmax_gradcam_loop
-from pipeline.model.text import TextEmbeddings, class_set
-from pipeline.refinement.refine import cams_to_labels, upsample_cams
-from stages import prompts
+from weclip.pipeline.config import IMAGENET_MEAN, IMAGENET_STD
+from weclip.pipeline.data.images import load_mask, load_rgb
+from weclip.pipeline.data.manifest import read_manifest
+from weclip.pipeline.errors import ConfigError, EvalError
+from weclip.pipeline.inference.prompt_search import score_templates
+from weclip.pipeline.inference.segment import clipes_input
+from weclip.pipeline.metrics import ConfusionMatrix
+from weclip.pipeline.model.backbone import load_backbone
+from weclip.pipeline.model.cam import softmax_gradcam_loop
+from weclip.pipeline.model.text import TextEmbeddings, class_set
+from weclip.pipeline.refinement.refine import cams_to_labels, upsample_cams
+from weclip.stages import prompts
 
 TEMPLATES = ("a photo of a {}.", "a clean origami {}.", "art of the {}.")
 

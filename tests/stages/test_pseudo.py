@@ -10,16 +10,16 @@ from PIL import Image
 
 from tests.stages import eval_fakes as ef
 
-from pipeline.data.augment import normalise
-from pipeline.refinement.crf import clipes_crf_image, dense_crf
-from pipeline.data.images import load_mask, load_rgb
-from pipeline.data.manifest import read_manifest
-from pipeline.model.backbone import load_backbone
-from pipeline.inference.segment import clipes_cam_scores, clipes_input
-from pipeline.palette import VOC_COLORMAP
-from pipeline.model.text import class_set, text_embeddings
-from pipeline.inference import crf_pool
-from stages import evaluate, pseudo
+from weclip.pipeline.data.augment import normalise
+from weclip.pipeline.refinement.crf import clipes_crf_image, dense_crf
+from weclip.pipeline.data.images import load_mask, load_rgb
+from weclip.pipeline.data.manifest import read_manifest
+from weclip.pipeline.model.backbone import load_backbone
+from weclip.pipeline.inference.segment import clipes_cam_scores, clipes_input
+from weclip.pipeline.palette import VOC_COLORMAP
+from weclip.pipeline.model.text import class_set, text_embeddings
+from weclip.pipeline.inference import crf_pool
+from weclip.stages import evaluate, pseudo
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,16 @@ from tests.stages.extract_fakes import tiny_config as extract_config
 from tests.stages.test_train import tiny_config as train_config
 from tests.test_cli import user_error
 
-from pipeline.cache.store import CacheReader
-from pipeline.data.augment import ViewParams
-from pipeline.data.manifest import ManifestRow, mask_labels, read_manifest, write_manifest
-from pipeline.data.shapes import generate
-from pipeline.errors import DataError, TrainError
-from pipeline.model.decoder import WeCLIPDecoder
-from pipeline.model.text import SHAPES_CLASSES
-from pipeline.training import schedule
-from pipeline.training.checkpoint import load_checkpoint
-from stages import evaluate, export, extract, infer, manifest, train
+from weclip.pipeline.cache.store import CacheReader
+from weclip.pipeline.data.augment import ViewParams
+from weclip.pipeline.data.manifest import ManifestRow, mask_labels, read_manifest, write_manifest
+from weclip.pipeline.data.shapes import generate
+from weclip.pipeline.errors import DataError, TrainError
+from weclip.pipeline.model.decoder import WeCLIPDecoder
+from weclip.pipeline.model.text import SHAPES_CLASSES
+from weclip.pipeline.training import schedule
+from weclip.pipeline.training.checkpoint import load_checkpoint
+from weclip.stages import evaluate, export, extract, infer, manifest, train
 
 # label -> the colour that encodes it in the generated images; 255 is the GT's own ignore region
 PALETTE = {0: (40, 200, 10), 1: (90, 160, 40), 2: (140, 120, 70), 3: (190, 80, 100), 255: (250, 250, 0)}

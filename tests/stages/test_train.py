@@ -12,16 +12,16 @@ import pytest
 import torch
 
 from tests.conftest import TINY_CONFIG
-from pipeline.cache.schema import CacheSpec
-from pipeline.cache.store import CacheReader, CacheWriter, NotACache
-from pipeline.training.checkpoint import build_decoder_from_checkpoint, load_checkpoint
-from pipeline.config import Config, preset
-from pipeline.data.manifest import read_manifest, write_manifest
-from pipeline.errors import ConfigError
-from pipeline.model.text import SHAPES_CLASSES
-from pipeline.training import schedule, sources, state
-from pipeline.training.step import train_step
-from stages import extract, train
+from weclip.pipeline.cache.schema import CacheSpec
+from weclip.pipeline.cache.store import CacheReader, CacheWriter, NotACache
+from weclip.pipeline.training.checkpoint import build_decoder_from_checkpoint, load_checkpoint
+from weclip.pipeline.config import Config, preset
+from weclip.pipeline.data.manifest import read_manifest, write_manifest
+from weclip.pipeline.errors import ConfigError
+from weclip.pipeline.model.text import SHAPES_CLASSES
+from weclip.pipeline.training import schedule, sources, state
+from weclip.pipeline.training.step import train_step
+from weclip.stages import extract, train
 from tests.stages.train_fakes import shapes_world
 
 CROP, IMAGES = 64, 8
@@ -235,7 +235,7 @@ def test_validation_logs_miou_every_n_steps_and_keeps_the_best(world, uninterrup
 
 def test_validation_score_is_the_evaluate_score_of_the_checkpoint(world, validated):
     """val_miou is what `weclip evaluate` (no CRF, the run's eval settings) reports for that step's checkpoint."""
-    from stages import evaluate
+    from weclip.stages import evaluate
     report = evaluate.run(validated["out"] / "step_000004.pt", world["manifest"], world["root"] / "eval4",
                           crf=False, progress=False, model_configs=[TINY_CONFIG])
     (line,) = [x for x in metrics(validated["out"]) if x["step"] == 3]
@@ -284,7 +284,7 @@ def test_stale_steps_keeps_the_newest_up_to_the_current_step():
 
 
 def test_resume_refuses_a_weights_only_export(world, tmp_path):
-    from stages import export
+    from weclip.stages import export
     out = tmp_path / "run"
     train.run(world["cfg"], world["cache"], out, max_steps=1, progress=False)
     export.run(out / "checkpoint.pt", tmp_path / "model.safetensors")
@@ -319,7 +319,7 @@ def test_tensorboard_without_the_package_names_the_extra(world, tmp_path, monkey
 
 
 def test_cli_val_validates_every_checkpoint_unless_told(monkeypatch, tmp_path):
-    import cli
+    from weclip import cli
     calls = []
     monkeypatch.setattr(train, "run", lambda cfg, cache, out, **kw: calls.append((cfg, kw)) or {"ok": 1})
     monkeypatch.setattr(cli, "_print", lambda summary: None)
@@ -381,7 +381,7 @@ def test_tensorboard_of_a_resumed_run_drops_the_killed_runs_later_events(world, 
 def test_a_compact_8bit_cache_of_later_blocks_trains_and_evaluates(world, tmp_path):
     """The compact setting end to end: decoder blocks {2} of 3 (like VOC's 8..11 of 12), fp8 features and log8
     attention (the presets' storage): extract, train, and evaluate with the backbone online reading the same blocks."""
-    from stages import evaluate
+    from weclip.stages import evaluate
     cfg = tiny_config(extract={"feature_layers": [2], "features_storage": "fp8", "attn_storage": "log8"})
     extract.run(cfg, world["manifest"], tmp_path / "cache", executor="inline", progress=False,
                 model_configs=[TINY_CONFIG])

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
-from pipeline.config import Config, preset
-from pipeline.training.checkpoint import load_checkpoint
-from pipeline.training.distributed import spawn
-from stages import evaluate, train
+from weclip import cli
+from weclip.pipeline.config import Config, preset
+from weclip.pipeline.training.checkpoint import load_checkpoint
+from weclip.pipeline.training.distributed import spawn
+from weclip.stages import evaluate, train
 from tests.stages.train_fakes import shapes_world
 
 CROP, IMAGES, STEPS = 96, 12, 6

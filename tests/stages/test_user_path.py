@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
-from pipeline.cache.store import CacheReader
-from pipeline.data.manifest import read_manifest
-from pipeline.errors import ConfigError, EvalError
-from pipeline.model.text import VOC_BACKGROUND, text_embeddings
-from pipeline.training.checkpoint import load_checkpoint
-from stages import evaluate, train
+from weclip import cli
+from weclip.pipeline.cache.store import CacheReader
+from weclip.pipeline.data.manifest import read_manifest
+from weclip.pipeline.errors import ConfigError, EvalError
+from weclip.pipeline.model.text import VOC_BACKGROUND, text_embeddings
+from weclip.pipeline.training.checkpoint import load_checkpoint
+from weclip.stages import evaluate, train
 from tests.conftest import TINY_NAME, build_tiny_backbone
 from tests.data import data_fakes as fk
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.config import Config
-from pipeline.data.shapes import generate
-from stages import extract, manifest
+from weclip.pipeline.config import Config
+from weclip.pipeline.data.shapes import generate
+from weclip.stages import extract, manifest
 
 
 def shapes_world(root: Path, cfg: Config, images: int, size: int, model_configs: Sequence[str | Path] = ()

@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.model.text import dataset_class_set
-from pipeline.training.checkpoint import CheckpointError, build_decoder_from_checkpoint, load_checkpoint, save_checkpoint
-from pipeline.config import preset
-from pipeline.model.decoder import WeCLIPDecoder
-from pipeline.training.optim import PolyWarmup, build_optimizer
+from weclip.pipeline.model.text import dataset_class_set
+from weclip.pipeline.training.checkpoint import CheckpointError, build_decoder_from_checkpoint, load_checkpoint, save_checkpoint
+from weclip.pipeline.config import preset
+from weclip.pipeline.model.decoder import WeCLIPDecoder
+from weclip.pipeline.training.optim import PolyWarmup, build_optimizer
 
 CFG = preset("coco").replace(decoder={"embed_dim": 16, "layers": 1, "heads": 2, "mlp_dim": 32},
                              train={"iterations": 10})

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import LossConfig
-from pipeline.errors import TrainError
-from pipeline.training import distributed, schedule
-from pipeline.training.distributed import GlobalBatchDropout2d, World, session, spawn
-from pipeline.training.losses import total_loss
+from weclip.pipeline.config import LossConfig
+from weclip.pipeline.errors import TrainError
+from weclip.pipeline.training import distributed, schedule
+from weclip.pipeline.training.distributed import GlobalBatchDropout2d, World, session, spawn
+from weclip.pipeline.training.losses import total_loss
 
 MODES = [("balanced", "linear"), ("balanced", "bce"), ("plain", "linear"), ("plain", "bce")]
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import LossConfig
-from pipeline.training.losses import affinity_label, affinity_loss, seg_loss, total_loss
+from weclip.pipeline.config import LossConfig
+from weclip.pipeline.training.losses import affinity_label, affinity_loss, seg_loss, total_loss
 
 IGN = 255
 

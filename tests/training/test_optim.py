@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import TrainConfig
-from pipeline.training.optim import PolyWarmup, build_optimizer, lr_at
+from weclip.pipeline.config import TrainConfig
+from weclip.pipeline.training.optim import PolyWarmup, build_optimizer, lr_at
 
 VOC = TrainConfig()  # lr 2e-3, 50 warm-up iterations, 30k iterations, power 1
 

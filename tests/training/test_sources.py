@@ -13,10 +13,10 @@ from zarr.storage import LocalStore
 from tests.cache import cache_fakes as fk
 from tests.cache.cache_fakes import ARRAY_NAMES
 
-from pipeline.cache.store import CacheReader, CacheWriter
-from pipeline.config import preset
-from pipeline.training import sources
-from pipeline.training.schedule import batch_positions
+from weclip.pipeline.cache.store import CacheReader, CacheWriter
+from weclip.pipeline.config import preset
+from weclip.pipeline.training import sources
+from weclip.pipeline.training.schedule import batch_positions
 
 CFG = preset("shapes").replace(train={"batch_size": 3, "seed": 5})
 
