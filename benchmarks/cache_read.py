@@ -46,21 +46,26 @@ from torch.utils.data import DataLoader
 from zarr.core.sync import sync
 from zarr.storage import LocalStore, WrapperStore
 
-from pipeline.cache.fingerprint import fingerprint_from_config
-from pipeline.cache.schema import FLOAT_DTYPES, CacheSpec
-from pipeline.cache.store import CacheReader, CacheWriter
-from pipeline.config import Config, preset
-from pipeline.model.text import class_set
-from pipeline.training.sources import CachedSteps
-from stages import train
+from weclip.pipeline.cache.fingerprint import fingerprint_from_config
+from weclip.pipeline.cache.schema import FLOAT_DTYPES, CacheSpec
+from weclip.pipeline.cache.store import CacheReader, CacheWriter
+from weclip.pipeline.config import Config, preset
+from weclip.pipeline.model.text import class_set
+from weclip.pipeline.training.sources import CachedSteps
+from weclip.stages import train
 
 COMPRESSORS = ("none", "zstd", "blosc-lz4", "blosc-zstd:1", "blosc-zstd", "blosc-lz4-bit", "blosc-zstd-bit")
 
 
 def bench_config(args: argparse.Namespace, compressor: str, dtype: str = "float16") -> Config:
+    """The VOC preset's cache at ViT-B/16 size; `--storage plain` stores features and attention as floats with
+    `compressor` like every other array, `--storage preset` keeps the preset's 8-bit codings and their compressors."""
+    storage = ({} if args.storage == "preset" else
+               {"features_storage": "plain", "attn_storage": "plain", "features_compressor": None,
+                "attn_compressor": None})
     return preset("voc").replace(model={"name": "ViT-B-16-quickgelu", "pretrained": None},
                                  aug={"crop": 320}, extract={"views": 1, "compressor": compressor, "dtype": dtype,
-                                                             "samples_per_shard": args.shard_samples},
+                                                             "samples_per_shard": args.shard_samples, **storage},
                                  train={"batch_size": args.batch, "loader_workers": 2, "checkpoint_every": 10**9})
 
 
@@ -69,7 +74,9 @@ def vit_spec(cfg: Config, samples: int) -> CacheSpec:
     return CacheSpec(total_samples=samples, samples_per_shard=cfg.extract.samples_per_shard,
                      feature_layers=len(cfg.extract.feature_layers), attn_layers=len(cfg.extract.attn_layers),
                      grid=(grid, grid), dim=768, k_max=4, crop=cfg.aug.crop, dtype=cfg.extract.dtype,
-                     compressor=cfg.extract.compressor)
+                     compressor=cfg.extract.compressor, features_storage=cfg.extract.features_storage,
+                     features_compressor=cfg.extract.features_compressor, attn_storage=cfg.extract.attn_storage,
+                     attn_compressor=cfg.extract.attn_compressor)
 
 
 def synthetic_samples(spec: CacheSpec, n: int, seed: int) -> list[dict[str, np.ndarray]]:
@@ -277,6 +284,9 @@ def main() -> None:
     parser.add_argument("--loader-steps", type=int, default=24, help="DataLoader batches per workers_scaling run")
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--skip-steps", type=int, default=2)
+    parser.add_argument("--storage", choices=["plain", "preset"], default="plain",
+                        help="features/attention as floats with each --codecs compressor, or the VOC preset's 8-bit "
+                             "codings (--codecs then sets the other arrays' compressor)")
     parser.add_argument("--url", help="also read a copy of the cache at this fsspec URL (written by the benchmark)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -304,7 +314,7 @@ def main() -> None:
                 result["data_wait"] = data_wait(root, cfg, tmp / "run", args)
             shutil.rmtree(root)
     first = reads[args.codecs[0]]
-    result.update({"default_codec": args.codecs[0],
+    result.update({"default_codec": args.codecs[0], "storage": args.storage,
                    "read_mb_per_s": {c: r["read_mb_per_s"] for c, r in reads.items()},
                    "raw_read_mb_per_s": {c: r["raw_read_mb_per_s"] for c, r in reads.items()},
                    "read_ratio": {c: r["read_ratio"] for c, r in reads.items()},

@@ -20,18 +20,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from pipeline.cache.store import CacheReader, first_few
-from pipeline.config import Config
-from pipeline.data.augment import apply_view, draw_view, normalise, valid_mask
-from pipeline.data.images import ImageDecodeError, load_manifest_rgb
-from pipeline.data.manifest import read_manifest
-from pipeline.errors import TrainError
-from pipeline.extract.plan import ExtractPlan, PlannedImage, cache_fingerprint, crop_grid, make_plan
-from pipeline.model.backbone import load_backbone
-from pipeline.model.cam import softmax_gradcam
-from pipeline.model.text import ClassSet, text_embeddings
-from pipeline.provenance import adopt, cache_provenance, check_moved_backbone
-from pipeline.training.schedule import batch_positions, flip_decision, hflip_sample
+from weclip.pipeline.cache.store import CacheReader, first_few
+from weclip.pipeline.config import Config
+from weclip.pipeline.data.augment import apply_view, draw_view, normalise, valid_mask
+from weclip.pipeline.data.images import ImageDecodeError, load_manifest_rgb
+from weclip.pipeline.data.manifest import read_manifest
+from weclip.pipeline.errors import TrainError
+from weclip.pipeline.extract.plan import ExtractPlan, PlannedImage, cache_fingerprint, crop_grid, make_plan
+from weclip.pipeline.model.backbone import load_backbone
+from weclip.pipeline.model.cam import softmax_gradcam
+from weclip.pipeline.model.text import ClassSet, text_embeddings
+from weclip.pipeline.provenance import adopt, cache_provenance, check_moved_backbone
+from weclip.pipeline.training.schedule import batch_positions, flip_decision, hflip_sample
 
 # ---------------------------------------------------------------------------------------------------------------
 # Step-indexed datasets: item i is the batch of global step `start + i` (DataLoader batch_size=None), or the rows
@@ -180,6 +180,8 @@ class OnlineSource:
         if cfg.train.supervised:
             raise TrainError("train.supervised (--supervised) trains from the GT mask crops of a feature cache; "
                              "online training has none. Extract with --store-masks and train with --cache")
+        # The backbone's outputs are used as they come, so the equivalent cache is one without 8-bit codings.
+        cfg = cfg.replace(extract={"features_storage": "plain", "attn_storage": "plain"})
         self.plan: ExtractPlan = make_plan(read_manifest(manifest_path), cfg)
         self.classes = self.plan.classes
         self.backbone = load_backbone(cfg.model, device, model_configs)
