@@ -41,10 +41,9 @@ def test_ray_retries_a_shard_whose_worker_was_killed(tmp_path):
     extract.run(cfg, manifest, tmp_path / "inline", executor="inline", progress=False, model_configs=[xf.TINY_CONFIG])
     marker = tmp_path / "a-worker-died"
     kwargs = ray_runner.ray_init_kwargs(None)
-    env = kwargs["runtime_env"]["env_vars"]
-    env[xf.DIE_ENV] = f"1:after_some_arrays:{marker}"
-    kwargs["runtime_env"]["worker_process_setup_hook"] = "tests.stages.extract_fakes.ray_worker_setup"
-    ray.init(**kwargs)
+    hook_env = {xf.DIE_ENV: f"1:after_some_arrays:{marker}", "PYTHONPATH": str(xf.TESTS.parent)}  # the hook's module
+    ray.init(**kwargs, runtime_env={"env_vars": hook_env,
+                                    "worker_process_setup_hook": "tests.stages.extract_fakes.ray_worker_setup"})
     try:
         summary = extract.run(cfg, manifest, tmp_path / "ray", executor="ray", progress=False,
                               model_configs=[xf.TINY_CONFIG])
