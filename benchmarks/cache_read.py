@@ -3,7 +3,7 @@
 The cache is synthetic (no model needed): `--samples` views of ViT-B/16 at crop 320 (features 11 × 400 × 768,
 attention 10 × 400 × 400, as the VOC preset stores them), written through `CacheWriter` with a provenance that
 `weclip train` accepts. Features are Gaussian (float16 features are nearly incompressible, like real ones:
-results/cache_codecs.json), attention rows a softmax of Gaussian logits, CAMs smooth fields, the crop random
+results/cache_storage.json), attention rows a softmax of Gaussian logits, CAMs smooth fields, the crop random
 bytes; `--distinct` different samples are written cyclically (compression is per chunk, so sizes and decode work
 are those of distinct data). Every read comes from the page cache (each file is read once before timing).
 
