@@ -55,7 +55,8 @@ def train_step(decoder: WeCLIPDecoder | torch.nn.Module, optimizer: torch.optim.
         raise FloatingPointError(f"non-finite loss {values} at step {step}; the last checkpoint is the one to resume")
     fractions = world.sum(torch.stack([((labels > 0) & (labels != IGNORE_INDEX)).float().mean(),
                                      1 - batch.valid.float().mean()])) / world.size
-    present = world.sum(torch.bincount(labels.flatten(), minlength=out.logits.shape[1]))
+    # ignored pixels left out, so every rank's count has the same length (one per decoder output) for the sum
+    present = world.sum(torch.bincount(labels[labels != IGNORE_INDEX], minlength=out.logits.shape[1]))
     return {"step": step, **values, "lr": lr, "rfm": use_rfm,
             "fg_fraction": float(fractions[0]), "pad_fraction": float(fractions[1]),
-            "classes": [v - 1 for v in present.nonzero().flatten().tolist() if 0 < v != IGNORE_INDEX]}
+            "classes": [v - 1 for v in present.nonzero().flatten().tolist() if v > 0]}
