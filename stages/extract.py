@@ -130,9 +130,9 @@ def run(cfg: Config, manifest_path: str | Path, out: str | Path, executor: Execu
                 done(worker(job, task))
         elif pending:  # a complete cache needs no Ray
             job = run_ray(job, tasks, ray_address, done, runtime_env, worker)
-    finalize_start = time.perf_counter()
-    tables = writer.finalize()
-    finalize_seconds = time.perf_counter() - finalize_start
+        finalize_start = time.perf_counter()
+        tables = writer.finalize()
+        finalize_seconds = time.perf_counter() - finalize_start
     shards = tables.shards.to_pylist()
     views_in_cache = tables.index.num_rows
     return ExtractSummary(
