@@ -48,15 +48,17 @@ class Model:
     def predict(self, image: ImageLike) -> np.ndarray:
         """H×W uint8 label ids of an image file or an H×W×3 uint8 RGB array: multi-scale + flip argmax, without
         DenseCRF (`weclip infer --crf` applies it to whole folders)."""
-        rgb = _rgb(image)
-        check_msc_size(*rgb.shape[:2], self.eval, self.predictor.backbone.patch_size)
-        return self.predictor.predict("image", rgb, self.eval, crf=False)
+        return self.predictor.predict("image", self._rgb(image), self.eval, crf=False)
 
     def logits(self, image: ImageLike) -> np.ndarray:
         """C×H×W float32 multi-scale + flip logits (class 0 = background)."""
+        return self.predictor.logits(self._rgb(image), self.eval).float().cpu().numpy()
+
+    def _rgb(self, image: ImageLike) -> np.ndarray:
+        """The image as RGB, refused (ImageTooSmall) when a scale of `eval` would leave it less than one patch."""
         rgb = _rgb(image)
         check_msc_size(*rgb.shape[:2], self.eval, self.predictor.backbone.patch_size)
-        return self.predictor.logits(rgb, self.eval).float().cpu().numpy()
+        return rgb
 
 
 def load(checkpoint: str | Path, device: str | None = None, pretrained: str | None = None,
