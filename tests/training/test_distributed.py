@@ -12,7 +12,7 @@ from weclip.pipeline.training import distributed, schedule
 from weclip.pipeline.training.distributed import GlobalBatchDropout2d, World, session, spawn
 from weclip.pipeline.training.losses import total_loss
 
-MODES = [("balanced", "linear"), ("balanced", "bce"), ("plain", "linear"), ("plain", "bce")]
+from tests.training.distributed_fakes import MODES, batch, fails, rank_shares
 
 
 def test_rank_rows_split_the_batch_in_rank_order():
@@ -36,36 +36,8 @@ def test_global_batch_dropout_uses_the_rows_of_the_one_process_mask():
     assert torch.equal(GlobalBatchDropout2d(0.3, slice(0, 2), 4).eval()(x[:2]), x[:2])
 
 
-def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits 4×3×4×4, affinity 4×16×16 and labels 4×64×64 whose two halves have very different class counts."""
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(4, 3, 4, 4, generator=g)
-    affinity = torch.rand(4, 16, 16, generator=g)
-    labels = torch.randint(0, 3, (4, 64, 64), generator=g)
-    labels[:2, :48] = 0  # the first half is mostly background
-    return logits, affinity, labels
-
-
-def _rank_shares(seed: int) -> dict:
-    """In each of the ranks: this rank's loss shares, summed over the ranks, and the gradient of the shares with
-    respect to the whole batch's inputs (each rank's rows filled by that rank)."""
-    logits, affinity, labels = batch(seed)
-    with session(torch.device("cpu")) as world:
-        rows = world.rows(len(labels))
-        out = {}
-        for seg, aff in MODES:
-            lg, af = logits[rows].clone().requires_grad_(), affinity[rows].clone().requires_grad_()
-            losses = total_loss(lg, af, labels[rows], LossConfig(seg=seg, aff=aff), count=world.sum)
-            losses["loss"].backward()
-            grads = [torch.zeros_like(logits), torch.zeros_like(affinity)]
-            grads[0][rows], grads[1][rows] = lg.grad, af.grad
-            out[seg, aff] = ({k: float(world.sum(v.detach())) for k, v in losses.items()},
-                             world.sum(grads[0]), world.sum(grads[1]))
-        return out
-
-
 def test_loss_shares_of_two_processes_add_up_to_the_whole_batch_loss():
-    shares = spawn(2, _rank_shares, (0,))
+    shares = spawn(2, rank_shares, (0,))
     logits, affinity, labels = batch(0)
     for seg, aff in MODES:
         lg, af = logits.clone().requires_grad_(), affinity.clone().requires_grad_()
@@ -103,15 +75,8 @@ def test_session_joins_torchruns_group_and_leaves_it(monkeypatch):
     assert len(calls) == 4
 
 
-def _fails(kind: str) -> None:
-    if kind == "user" and torch.distributed.get_rank() == 1:
-        raise TrainError("rank 1 cannot go on")
-    if kind == "bug":
-        raise RuntimeError("a bug")
-
-
 def test_spawn_raises_a_ranks_user_error_as_it_is():
     with pytest.raises(TrainError, match="rank 1 cannot go on"):
-        spawn(2, _fails, ("user",))
+        spawn(2, fails, ("user",))
     with pytest.raises(torch.multiprocessing.ProcessRaisedException, match="a bug"):
-        spawn(2, _fails, ("bug",))
+        spawn(2, fails, ("bug",))
